@@ -1,0 +1,191 @@
+r"""File-to-tensor speed of drig's preprocessing against TFDS's btgraham path.
+
+Writes a few EyePACS-sized (3888x2592) fundus-like JPEGs to a temporary folder, then
+times, alternating A B A B on the same files:
+
+  A  drig.preprocess.preprocess_file (reduced-resolution JPEG decoding: the retina
+     keeps >= working_ratio x 256 px);
+  B  TFDS's `_btgraham_processing` with target radius 128 (a 256 px retina, full
+     decoding, JPEG q72 as the builder stores it) followed by decoding its output,
+     i.e. what a pipeline on the `btgraham` config gets as a tensor;
+  C  drig with working_ratio=None: full-resolution decoding and processing (the
+     reference for the PSNR; timed only with --time_full_decode, it is slow because
+     step 2's blur then runs on 10 Mpx).
+
+It prints images/s of each, the A/B ratio, and the PSNR of A's output against C's
+(the error that reduced decoding introduces; the 128 outside the disc is excluded).
+Targets (issue 2): A/B >= 3, PSNR >= 35 dB.
+
+  python benchmarks/bench_preprocess.py --num_images=4 --repeats=3
+  python benchmarks/bench_preprocess.py --working_ratio=1  # 1/8 decoding: faster, lower PSNR
+"""
+
+import argparse
+import functools
+import os
+import statistics
+import tempfile
+import time
+
+import cv2
+import numpy as np
+
+from drig import preprocess
+
+
+def render_fundus_like(rng, height=2592, width=3888, noise=2.5):
+  """An RGB uint8 fundus-like photograph with realistic JPEG statistics.
+
+  An orange-red retina on black (diameter 0.95-1.25 x the height, so some are cut at
+  top and bottom), vignetting, uneven illumination, choroidal texture, a vessel tree,
+  an optic disc, a macula and sensor noise (standard deviation ``noise``).
+  """
+  diameter = height * rng.uniform(0.95, 1.25)
+  center = (width / 2 + rng.uniform(-0.05, 0.05) * width, height / 2)
+  small = 8  # Smooth components are drawn at 1/8 resolution and upsampled.
+  hs, ws = height // small, width // small
+  yy, xx = np.mgrid[0:hs, 0:ws].astype(np.float32) * small
+  r = np.hypot(xx - center[0], yy - center[1]) / (diameter / 2)
+  illumination = cv2.GaussianBlur(rng.normal(0, 1, (hs, ws)).astype(np.float32), (0, 0), 20)
+  illumination = 1 + 0.25 * illumination / (np.abs(illumination).max() + 1e-6)
+  shade = np.clip(1 - 0.6 * r ** 4, 0, 1) * illumination
+  disc = (np.hypot(xx - center[0] - 0.2 * diameter, yy - center[1]) < 0.08 * diameter)
+  macula = np.exp(-((xx - center[0] + 0.1 * diameter) ** 2 + (yy - center[1]) ** 2)
+                  / (2 * (0.06 * diameter) ** 2))
+  base = np.stack([185 * shade, 85 * shade, 35 * shade], axis=-1)
+  base *= (1 - 0.35 * macula)[..., None]
+  base[disc] = base[disc] * 0.5 + np.array([230, 200, 120]) * 0.5
+  base = cv2.resize(base, (width, height), interpolation=cv2.INTER_CUBIC)
+
+  texture = cv2.GaussianBlur(rng.normal(0, 1, (height // 2, width // 2)).astype(np.float32),
+                             (0, 0), 2.5)
+  texture = cv2.resize(texture, (width, height), interpolation=cv2.INTER_LINEAR)
+  base *= (1 + 0.6 * texture)[..., None]
+
+  vessels = np.zeros((height, width), np.float32)
+  for _ in range(rng.integers(6, 10)):  # Vessel trees from the optic disc.
+    point = np.array([center[0] + 0.2 * diameter, center[1]])
+    angle = rng.uniform(0, 2 * np.pi)
+    thickness = rng.uniform(14, 26)
+    for _ in range(60):
+      angle += rng.normal(0, 0.25)
+      step = point + 0.012 * diameter * np.array([np.cos(angle), np.sin(angle)])
+      cv2.line(vessels, tuple(int(v) for v in point), tuple(int(v) for v in step), 1.0,
+               max(2, int(thickness)))
+      point, thickness = step, thickness * 0.985
+  vessels = cv2.GaussianBlur(vessels, (0, 0), 2)
+  base *= (1 - 0.45 * vessels)[..., None]
+
+  base += rng.normal(0, noise, base.shape).astype(np.float32)  # Sensor noise.
+  mask = np.zeros((height, width), np.uint8)
+  cv2.circle(mask, (int(center[0]), int(center[1])), int(diameter / 2), 1, -1)
+  mask = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 3)
+  image = base * mask[..., None] + rng.uniform(0, 3, (height, width, 1)).astype(np.float32)
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_jpegs(folder, num_images, quality, seed, noise):
+  paths = []
+  for i in range(num_images):
+    path = os.path.join(folder, f"{seed}_{i}_q{quality}_noise{noise:g}.jpeg")
+    paths.append(path)
+    if os.path.exists(path):  # Reused from an earlier run with --workdir.
+      continue
+    rgb = render_fundus_like(np.random.default_rng([seed, i]), noise=noise)
+    cv2.imwrite(path, rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+  return paths
+
+
+def drig_reduced(path, size, working_ratio=preprocess.DEFAULT_WORKING_RATIO):
+  return preprocess.preprocess_file(path, size, working_ratio=working_ratio)
+
+
+def drig_full(path, size):
+  return preprocess.preprocess_file(path, size, working_ratio=None)
+
+
+def tfds_btgraham(path, size):
+  # pylint: disable-next=g-import-not-at-top
+  from tensorflow_datasets.image_classification import diabetic_retinopathy_detection as dr
+  with open(path, "rb") as f:
+    encoded = dr._btgraham_processing(  # pylint: disable=protected-access
+        image_fobj=f, filepath=path, target_pixels=size // 2, crop_to_radius=True)
+  decoded = cv2.imdecode(np.frombuffer(encoded.getvalue(), np.uint8), cv2.IMREAD_COLOR_RGB)
+  return decoded
+
+
+def psnr(a, b, where):
+  err = np.mean((a[where].astype(np.float64) - b[where].astype(np.float64)) ** 2)
+  return float("inf") if err == 0 else 10 * np.log10(255.0 ** 2 / err)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--num_images", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--size", type=int, default=256)
+  parser.add_argument("--quality", type=int, default=90)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--noise", type=float, default=2.5,
+                      help="sensor noise (std) of the test images; more noise, bigger files")
+  parser.add_argument("--working_ratio", type=float,
+                      default=preprocess.DEFAULT_WORKING_RATIO,
+                      help="A decodes so that the retina keeps >= this x size pixels")
+  parser.add_argument("--time_full_decode", action="store_true",
+                      help="also time C, drig at full resolution (slow)")
+  parser.add_argument("--workdir", default=None, help="keep the JPEGs here (default: temp)")
+  args = parser.parse_args()
+  # TFDS's path JPEG-encodes a float64 image; OpenCV warns about it on every call.
+  cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    folder = args.workdir or tmp
+    os.makedirs(folder, exist_ok=True)
+    start = time.perf_counter()
+    paths = write_jpegs(folder, args.num_images, args.quality, args.seed, args.noise)
+    sizes = [os.path.getsize(p) / 2 ** 20 for p in paths]
+    print(f"{len(paths)} 3888x2592 JPEGs ready (q{args.quality}, "
+          f"{min(sizes):.2f}-{max(sizes):.2f} MiB) in {time.perf_counter() - start:.1f} s")
+
+    reduced = functools.partial(drig_reduced, working_ratio=args.working_ratio)
+    contenders = {"A drig reduced decode": reduced, "B tfds btgraham": tfds_btgraham}
+    if args.time_full_decode:
+      contenders["C drig full resolution"] = drig_full
+    decoded = preprocess.read_fundus(
+        paths[0], min_retina_diameter=args.working_ratio * args.size)
+    print(f"A decodes {os.path.basename(paths[0])} at {decoded.shape[1]}x{decoded.shape[0]} "
+          f"(retina >= {args.working_ratio:g} x {args.size} px)")
+    for fn in contenders.values():  # Warm up (imports, OpenCV's thread pool).
+      fn(paths[0], args.size)
+    # Interleaved per file (A B A B ...), so that both see the same machine load; the
+    # speed-up is the median of the paired per-file ratios.
+    seconds = {name: [] for name in contenders}
+    for _ in range(args.repeats):
+      for path in paths:
+        for name, fn in contenders.items():
+          start = time.perf_counter()
+          fn(path, args.size)
+          seconds[name].append(time.perf_counter() - start)
+    for name, values in seconds.items():
+      print(f"{name:24s} {1 / statistics.median(values):7.2f} images/s  (median of "
+            f"{len(values)} calls; best {1 / min(values):.2f}, worst {1 / max(values):.2f})")
+    ratios = [b / a for a, b in zip(seconds["A drig reduced decode"],
+                                    seconds["B tfds btgraham"])]
+    print(f"speed-up A/B: {statistics.median(ratios):.2f}x (median of {len(ratios)} paired "
+          f"calls; quartiles {np.percentile(ratios, 25):.2f}-{np.percentile(ratios, 75):.2f}; "
+          f"target >= 3)")
+
+    inside = preprocess.field_of_view(args.size)
+    values = []
+    for path in paths:
+      fast, full = reduced(path, args.size), drig_full(path, args.size)
+      values.append((psnr(fast, full, inside), psnr(fast, full, np.ones_like(inside))))
+    print("PSNR A vs C (reduced vs full resolution), inside the kept disc: "
+          + ", ".join(f"{v[0]:.1f}" for v in values)
+          + f" dB (min {min(v[0] for v in values):.1f}; target >= 35)")
+    print("PSNR A vs C over the whole image:                                "
+          + ", ".join(f"{v[1]:.1f}" for v in values) + " dB")
+
+
+if __name__ == "__main__":
+  main()

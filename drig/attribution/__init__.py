@@ -1,0 +1,50 @@
+"""drig.attribution: integrated gradients for pixels, layers and neurons.
+
+Pure functions, vectorised across images, chunked over interpolation steps,
+compiled once per shape. Importing this package has no side effects.
+
+Main entry points:
+  integrated_gradients(f, x, baseline, *, steps, method, chunk_size) -> (attr, gap)
+  half_gray_baseline(x, space="model")
+  probability_of_grade / logit_of_grade / grade_difference / weighted_grades
+  layer_integrated_gradients (the poster's, activation path) and
+    layer_conductance (input path, Captum's LayerConductance)
+  active_regions, select_top_k, resultant_active_region, lesion_detection
+  sharded_call, image_mesh (several devices)
+  drig.attribution.heatmap (green/red rendering)
+"""
+
+from drig.attribution.active_regions import active_regions
+from drig.attribution.active_regions import ActiveRegions
+from drig.attribution.active_regions import channel_cotangents
+from drig.attribution.active_regions import combine_cotangents
+from drig.attribution.active_regions import lesion_detection
+from drig.attribution.active_regions import LesionAnalysis
+from drig.attribution.active_regions import resultant_active_region
+from drig.attribution.active_regions import select_top_k
+from drig.attribution.active_regions import TopK
+from drig.attribution.active_regions import unit_cotangents
+from drig.attribution.integrated_gradients import AttributionArgumentError
+from drig.attribution.integrated_gradients import HALF_GRAY_MODEL
+from drig.attribution.integrated_gradients import HALF_GRAY_PIXEL
+from drig.attribution.integrated_gradients import half_gray_baseline
+from drig.attribution.integrated_gradients import integrated_gradients
+from drig.attribution.integrated_gradients import METHODS
+from drig.attribution.integrated_gradients import quadrature
+from drig.attribution.layer import layer_activations
+from drig.attribution.layer import layer_conductance
+from drig.attribution.layer import layer_integrated_gradients
+from drig.attribution.layer import LayerAttribution
+from drig.attribution.layer import model_layer_integrated_gradients
+from drig.attribution.layer import per_channel
+from drig.attribution.layer import split_model
+from drig.attribution.layer import UnknownLayerError
+from drig.attribution.quantities import grade_difference
+from drig.attribution.quantities import GradeQuantity
+from drig.attribution.quantities import logit_of_grade
+from drig.attribution.quantities import probability_of_grade
+from drig.attribution.quantities import weighted_grades
+from drig.attribution.sharding import image_mesh
+from drig.attribution.sharding import replicate
+from drig.attribution.sharding import shard_batch
+from drig.attribution.sharding import sharded_call

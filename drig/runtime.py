@@ -1,0 +1,56 @@
+"""Process set-up shared by drig's binaries (never run on import).
+
+``setup_process`` is the one place that touches global state: logging, XLA
+flags, the multi-controller runtime. Library functions never do; notebooks
+that import drig are left exactly as they were.
+"""
+
+import os
+
+from absl import logging
+
+# XLA:CPU flags drig sets by default in its binaries, unless XLA_FLAGS already
+# names them. See benchmarks/bench_attribution.py for the measurements.
+DEFAULT_CPU_XLA_FLAGS = ()
+
+
+def _multihost_requested(mode: str) -> bool:
+  if mode in ("yes", "true", "1"):
+    return True
+  if mode in ("no", "false", "0"):
+    return False
+  if mode != "auto":
+    raise ValueError(f"--distributed must be auto, yes or no; got {mode!r}")
+  env = os.environ
+  if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+    return True
+  if env.get("JAX_COORDINATOR_ADDRESS") or env.get("DRIG_COORDINATOR_ADDRESS"):
+    return True
+  # TPU pod slices: every worker sees TPU_WORKER_HOSTNAMES with several hosts.
+  return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def setup_process(distributed: str = "auto") -> None:
+  """Sets XLA flags and starts JAX's multi-controller runtime when launched on several hosts.
+
+  Must run before the first JAX computation. ``distributed``: ``auto`` detects
+  Slurm (``srun`` with several tasks), TPU pod slices and an explicit
+  ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``);
+  ``yes`` always calls ``jax.distributed.initialize()``; ``no`` never does.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  extra = [f for f in DEFAULT_CPU_XLA_FLAGS if f.split("=")[0] not in flags]
+  if extra:
+    os.environ["XLA_FLAGS"] = " ".join([flags] + extra).strip()
+  import jax  # pylint: disable=g-import-not-at-top
+  if _multihost_requested(distributed):
+    kwargs = {}
+    address = os.environ.get("DRIG_COORDINATOR_ADDRESS")
+    if address:
+      kwargs = dict(coordinator_address=address,
+                    num_processes=int(os.environ["DRIG_NUM_PROCESSES"]),
+                    process_id=int(os.environ["DRIG_PROCESS_ID"]))
+    jax.distributed.initialize(**kwargs)
+  logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s)", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].device_kind)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job on the embedded default data, on a CPU: creates the environment,
+# generates the synthetic fundus data set (preprocessed), trains the small
+# grader with configs/base.py:runlocal and analyses a few test images.
+# Outputs go under workdirs/ (override with DRIG_WORKDIR).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source launch/env.sh requirements.txt
+export TF_CPP_MIN_LOG_LEVEL=2
+WORKDIR="${DRIG_WORKDIR:-workdirs}"
+python -m drig.prepare_data --config=configs/data.py:runlocal --workdir="$WORKDIR/data"
