@@ -30,6 +30,19 @@ def _multihost_requested(mode: str) -> bool:
   return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
 
 
+class _QuietLibraries:
+  """A logging filter that drops INFO records from chatty libraries (orbax logs
+  a dozen lines per checkpoint), keeping their warnings and errors."""
+
+  PREFIXES = ("orbax", "tensorflow_datasets", "etils")
+
+  def filter(self, record) -> bool:
+    if record.levelno >= 30:  # WARNING
+      return True
+    name = record.pathname.replace(os.sep, "/")
+    return not any(f"/{p}/" in name for p in self.PREFIXES)
+
+
 def setup_process(distributed: str = "auto") -> None:
   """Sets XLA flags and starts JAX's multi-controller runtime when launched on several hosts.
 
@@ -38,6 +51,9 @@ def setup_process(distributed: str = "auto") -> None:
   ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``);
   ``yes`` always calls ``jax.distributed.initialize()``; ``no`` never does.
   """
+  import logging as python_logging  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  python_logging.getLogger().addFilter(_QuietLibraries())
   flags = os.environ.get("XLA_FLAGS", "")
   extra = [f for f in DEFAULT_CPU_XLA_FLAGS if f.split("=")[0] not in flags]
   if extra:

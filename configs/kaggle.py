@@ -1,0 +1,31 @@
+r"""The poster's recipe on Kaggle/EyePACS, starting from ImageNet weights.
+
+  python -m drig.train --config=configs/kaggle.py --workdir=workdirs/kaggle
+
+Needs, before the first run (nothing is downloaded at run time):
+  * the Kaggle files in ``config.data.manual_dir`` (default
+    ``data/manual/diabetic_retinopathy_detection``), laid out as docs/data.md
+    describes; the first run generates the preprocessed TFDS data set once;
+  * Keras' ImageNet weights without the top,
+    ``inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5``, at
+    ``config.init.path`` (default ``data/weights/...``).
+Missing either stops the run at start-up with the download instructions.
+
+Expected runtime: 1395 steps of 32 images at 256 px, about 10-15 minutes on one
+H100-class GPU after the data set is generated (generation: hours on a CPU,
+dominated by JPEG decoding of 88k photographs). ``:runlocal`` is not offered:
+EyePACS needs an accelerator.
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+  config = base.get_config(arg)
+  config.data.name = "eyepacs"
+  config.data.builder_config = f"drig-{config.data.image_size}"
+  config.data.manual_dir = "data/manual/diabetic_retinopathy_detection"
+  config.init.source = "keras_h5"
+  config.init.path = "data/weights/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
+  config.model.dtype = "bfloat16"
+  return config

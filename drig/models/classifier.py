@@ -1,0 +1,166 @@
+"""The DR grader: Inception-v3 without its top, two fully connected layers, 5 logits.
+
+As the poster builds it (Li et al.): the ImageNet base without its top layer,
+global average pooling, two fully connected layers for transfer learning and
+a 5-unit softmax output, one unit per DR grade.
+
+Layers, in forward order (for attribution; see ``drig.models.layer_access``):
+the base's ``Conv2d_1a_3x3`` ... ``Conv2d_4a_3x3``, ``mixed0`` ... ``mixed10``,
+``pooled``, then ``fc1``, ``fc2`` (after their activation, before dropout) and
+``logits``. Parameters: ``base/...`` (see ``inception_v3``), ``fc1``, ``fc2``,
+``logits``.
+"""
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from drig.models import inception_v3
+
+ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "elu": nn.elu, "tanh": jnp.tanh,
+               "sigmoid": nn.sigmoid, "swish": nn.swish, "linear": lambda x: x}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+          "float64": jnp.float64}  # float64 needs jax_enable_x64; for numerical checks
+
+
+class DRClassifier(nn.Module):
+  """Inception-v3 base + fully connected head giving ``num_classes`` logits.
+
+  Attributes:
+    num_classes: output units (5 DR grades).
+    fc_widths: widths of the fully connected layers, named fc1, fc2, ...
+    activation: a key of ACTIVATIONS, applied after each fully connected layer.
+    dropout: dropout rate after each fully connected layer (train=True only;
+      needs a "dropout" rng).
+    convention, width_multiplier: of the Inception base (see InceptionV3).
+    dtype: computation dtype; logits are float32.
+    param_dtype: parameter dtype.
+  """
+  num_classes: int = 5
+  fc_widths: Sequence[int] = (1024, 512)
+  activation: str = "relu"
+  dropout: float = 0.5
+  convention: str = "keras"
+  width_multiplier: float = 1.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    # A tuple keeps the module hashable, as jit's static arguments must be.
+    object.__setattr__(self, "fc_widths", tuple(int(w) for w in self.fc_widths))
+    super().__post_init__()
+
+  def head_layer_names(self) -> tuple[str, ...]:
+    return tuple(f"fc{i + 1}" for i in range(len(self.fc_widths))) + (
+        inception_v3.LOGITS_LAYER,)
+
+  def layer_names(self) -> tuple[str, ...]:
+    """The named layers, in forward order."""
+    return inception_v3.inception_layer_names(include_top=False) + self.head_layer_names()
+
+  def canonical_layer(self, name: str) -> str:
+    return inception_v3.canonical_layer(name, self.layer_names(), inception_v3.layer_aliases())
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, *, start_layer: Optional[str] = None,
+               stop_layer: Optional[str] = None, capture_layers: bool = False):
+    """Runs the classifier (or part of it; see InceptionV3.__call__).
+
+    Args:
+      x: float32 [N, H, W, 3] in [-1, 1] (H, W >= 75), or the activation of
+        ``start_layer``.
+      train: batch statistics for BatchNorm (``mutable=["batch_stats"]``) and
+        dropout (``rngs={"dropout": key}``).
+      start_layer: run from the layer after this one, ``x`` being its activation.
+      stop_layer: return this layer's activation.
+      capture_layers: sow every named layer's activation that is computed into
+        the "layers" collection (apply with ``mutable=["layers"]``).
+
+    Returns:
+      float32 logits [N, num_classes], or the activation of ``stop_layer``.
+    """
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"unknown activation {self.activation!r}; use one of {list(ACTIVATIONS)}")
+    start = None if start_layer is None else self.canonical_layer(start_layer)
+    stop = None if stop_layer is None else self.canonical_layer(stop_layer)
+    names = self.layer_names()
+    if start is not None and stop is not None and names.index(stop) < names.index(start):
+      raise ValueError(f"stop_layer {stop_layer!r} comes before start_layer {start_layer!r}")
+    base_names = inception_v3.inception_layer_names(include_top=False)
+    base = inception_v3.InceptionV3(num_classes=None, convention=self.convention,
+                                    width_multiplier=self.width_multiplier, dtype=self.dtype,
+                                    param_dtype=self.param_dtype, name="base")
+    if start is None or start in base_names:
+      x = base(x, train, start_layer=start, stop_layer=stop if stop in base_names else None,
+               capture_layers=capture_layers)
+      if stop in base_names:
+        return x
+      start = None  # the head runs from its first layer
+    act = ACTIVATIONS[self.activation]
+    # Dropout acts on the input of each dense layer after the first, so a named
+    # layer's activation (fc_k after its activation function) is the same in
+    # training and inference; only its consumer sees the dropout mask.
+    dropout = nn.Dropout(self.dropout, deterministic=not train)
+    stages = []
+    for i, width in enumerate(self.fc_widths):
+      dense = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name=f"fc{i + 1}")
+      if i == 0:
+        stages.append((f"fc{i + 1}", lambda h, dense=dense: act(dense(h))))
+      else:
+        stages.append((f"fc{i + 1}", lambda h, dense=dense: act(dense(dropout(h)))))
+    top = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name=inception_v3.LOGITS_LAYER)
+    top_input = dropout if self.fc_widths else (lambda h: h)
+    stages.append((inception_v3.LOGITS_LAYER, lambda h: top(top_input(h)).astype(jnp.float32)))
+    return inception_v3.run_stages(stages, x, start, stop,
+                                   inception_v3.layer_recorder(self, capture_layers))
+
+
+def build_classifier(model_config) -> DRClassifier:
+  """A DRClassifier from a config section (see ``configs/model.py``).
+
+  Reads ``num_classes``, ``fc_widths``, ``activation``, ``dropout``,
+  ``convention``, ``width_multiplier``, ``dtype`` and ``param_dtype`` (dtype
+  names such as "bfloat16"); missing keys take DRClassifier's defaults.
+  """
+  fields = {}
+  for key in ("num_classes", "activation", "dropout", "convention", "width_multiplier"):
+    if key in model_config:
+      fields[key] = model_config[key]
+  if "fc_widths" in model_config:
+    fields["fc_widths"] = tuple(int(w) for w in model_config["fc_widths"])
+  for key in ("dtype", "param_dtype"):
+    if key in model_config:
+      name = model_config[key]
+      if name not in DTYPES:
+        raise ValueError(f"model.{key} must be one of {list(DTYPES)}, got {name!r}")
+      fields[key] = DTYPES[name]
+  return DRClassifier(**fields)
+
+
+def predict_probabilities(model: nn.Module, variables, x) -> jax.Array:
+  """Softmax class probabilities [N, num_classes] in float32, inference mode."""
+  logits = model.apply(variables, x, train=False)
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def build_model(model_config) -> nn.Module:
+  """The model a config section describes: ``name`` "dr_classifier" (default) or
+  "inception_v3" (a bare InceptionV3; ``num_classes`` None or 0 for no top)."""
+  name = model_config.get("name", "dr_classifier") if hasattr(model_config, "get") else (
+      "dr_classifier")
+  if name == "dr_classifier":
+    return build_classifier(model_config)
+  if name == "inception_v3":
+    dtypes = {}
+    for key in ("dtype", "param_dtype"):
+      if key in model_config:
+        dtypes[key] = DTYPES[model_config[key]]
+    return inception_v3.InceptionV3(
+        num_classes=model_config.get("num_classes") or None,
+        convention=model_config.get("convention", "keras"),
+        width_multiplier=model_config.get("width_multiplier", 1.0), **dtypes)
+  raise ValueError(f"model.name must be 'dr_classifier' or 'inception_v3', got {name!r}")

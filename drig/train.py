@@ -1,0 +1,32 @@
+r"""Trains the DR grader.
+
+  python -m drig.train --config=configs/base.py:runlocal --workdir=workdirs/runlocal
+
+Rerunning the same command resumes from the last checkpoint in --workdir.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from drig import runtime
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
+                                 "Call jax.distributed.initialize() (auto: when launched on "
+                                 "several hosts by Slurm, a TPU pod or JAX_COORDINATOR_ADDRESS).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  runtime.setup_process(_DISTRIBUTED.value)
+  from drig.training import trainer  # pylint: disable=g-import-not-at-top
+  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,406 @@
+"""The training loop as a library function: ``train_and_evaluate(config, workdir)``.
+
+Design:
+* One root PRNG key from ``config.seed``; each use derives its key with
+  ``fold_in`` of a fixed name and the step, so a resumed run draws exactly the
+  keys an uninterrupted run would.
+* The input pipeline is a pure function of (seed, step), so resuming needs only
+  the step from the checkpoint.
+* Data parallelism: a 1-D mesh over every device of every host, the batch
+  sharded over it with ``NamedSharding``, the state replicated. Each host feeds
+  its own slice of the global batch (``jax.make_array_from_process_local_data``).
+* The train step is jitted once with the state donated.
+* Checkpoints: orbax ``CheckpointManager``, asynchronous, keeping the last
+  ``keep_checkpoints`` and the best by validation quadratic kappa.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import time
+import zlib
+from typing import Any, Callable, Optional
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import numpy as np
+import optax
+
+from drig.training import metrics as metrics_lib
+from drig.training import metric_writer as metric_writer_lib
+from drig.training import optimizer as optimizer_lib
+
+BATCH_AXIS = "data"
+
+
+def named_key(root_key: jax.Array, name: str, step=None) -> jax.Array:
+  """Derives the key for ``name`` (and ``step``) from the root key."""
+  key = jax.random.fold_in(root_key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+  return key if step is None else jax.random.fold_in(key, step)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; a plain pytree."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------- #
+# Mesh and sharding.
+
+
+def make_data_mesh(devices=None) -> jax.sharding.Mesh:
+  """A 1-D mesh named ``data`` over every device of every host.
+
+  Auto axis types: the compiler propagates the batch sharding through the model
+  (explicit sharding-in-types would need every op, e.g. dropout's mask, annotated).
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), (BATCH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
+def check_global_batch(global_batch: int, mesh: jax.sharding.Mesh) -> None:
+  if global_batch % mesh.size:
+    raise ValueError(
+        f"the global batch size {global_batch} does not divide by the {mesh.size} devices; "
+        f"choose a multiple of {mesh.size}")
+  if global_batch % jax.process_count():
+    raise ValueError(f"the global batch size {global_batch} does not divide by the "
+                     f"{jax.process_count()} hosts")
+
+
+def shard_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
+  """Assembles the global batch from each host's slice, sharded on axis 0."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXIS))
+
+  def to_global(x):
+    x = np.asarray(x)
+    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+  return jax.tree.map(to_global, local_batch)
+
+
+def replicate(tree, mesh: jax.sharding.Mesh):
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.device_put(tree, sharding)
+
+
+# --------------------------------------------------------------------------- #
+# Steps.
+
+
+def images_to_model_input(images: jax.Array) -> jax.Array:
+  """uint8 [0, 255] images to float32 [-1, 1], Keras' ``preprocess_input``."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def base_param_mask(params) -> Any:
+  """True for the parameters of the Inception base (frozen early if asked)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: bool(path) and getattr(path[0], "key", None) == "base", params)
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, root_key, freeze_base_steps: int,
+               schedule) -> tuple[TrainState, dict]:
+  """One optimisation step on a (sharded) batch. Pure; jitted by the caller."""
+  dropout_key = named_key(root_key, "dropout", state.step)
+  images = images_to_model_input(batch["image"])
+  labels = batch["label"]
+
+  def loss_fn(params):
+    logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                                  train=True, mutable=["batch_stats"],
+                                  rngs={"dropout": dropout_key})
+    logits = logits.astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, (logits, updates["batch_stats"])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if freeze_base_steps > 0:
+    frozen = state.step < freeze_base_steps
+    grads = jax.tree.map(lambda g, is_base: jnp.where(frozen & is_base, jnp.zeros_like(g), g),
+                         grads, base_param_mask(grads))
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  step_metrics = {
+      "loss": loss,
+      "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+      "learning_rate": schedule(state.step),
+      "grad_norm": optax.global_norm(grads),
+  }
+  return new_state, step_metrics
+
+
+def predict_step(variables: dict, images: jax.Array, *, model) -> jax.Array:
+  """Grade probabilities [N, 5] in float32, inference mode."""
+  logits = model.apply(variables, images_to_model_input(images), train=False)
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+# --------------------------------------------------------------------------- #
+# Model and data, from the config.
+
+
+def build_model(model_config):
+  """The DR classifier described by ``config.model``."""
+  from drig.models import classifier  # pylint: disable=g-import-not-at-top
+  return classifier.build_model(model_config)
+
+
+def initial_variables(config, model, root_key: jax.Array) -> tuple[dict, str]:
+  """Random initialisation, optionally overwritten from a weight file.
+
+  Returns the variables and a human-readable report of what was imported and
+  what was freshly initialised. Initialisation is never silent: the report is
+  logged and saved in the workdir.
+  """
+  size = config.data.image_size
+  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      {"params": named_key(root_key, "init"), "dropout": named_key(root_key, "init_dropout")},
+      dummy)
+  variables = flax.core.unfreeze(variables)
+  source = config.init.source
+  if source == "random":
+    return variables, "all parameters randomly initialised (config.init.source='random')"
+  from drig.models import importer  # pylint: disable=g-import-not-at-top
+  return importer.initialise_from(variables, source=source, path=config.init.path,
+                                  model_config=config.model)
+
+
+def load_sources(data_config, *, prepare: bool) -> dict:
+  """Random-access sources of the train and evaluation splits of ``data_config``.
+
+  The data set is generated first when it is synthetic and missing (only on
+  host 0 if ``prepare``; the others wait for it at the barrier).
+  """
+  from drig.data import datasets  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    if jax.process_index() == 0:
+      datasets.load_builder_from_config(data_config, prepare=prepare)
+    multihost_utils.sync_global_devices("drig:data_prepared")
+  builder = datasets.load_builder_from_config(data_config, prepare=prepare)
+  return {"train": builder.as_data_source(data_config.train_split),
+          "validation": builder.as_data_source(data_config.eval_split)}
+
+
+# --------------------------------------------------------------------------- #
+# Evaluation.
+
+
+def evaluate(predict_fn: Callable, variables, eval_batches, mesh) -> dict:
+  """Runs ``predict_fn`` over every example of ``eval_batches`` once.
+
+  ``eval_batches`` yields host-local dicts with ``image``, ``label`` and a
+  boolean ``mask`` (False for padding). Returns ``metrics.grading_metrics``.
+  """
+  all_probs, all_labels, all_masks = [], [], []
+  for batch in eval_batches:
+    images = shard_batch({"image": batch["image"]}, mesh)["image"]
+    probs = predict_fn(variables, images)
+    # Every host gathers every prediction (the eval set is small) so that the
+    # metrics are identical everywhere; only host 0 writes them.
+    probs = np.asarray(multihost_utils.process_allgather(probs, tiled=True)
+                       if jax.process_count() > 1 else probs)
+    labels, mask = batch["label"], batch["mask"]
+    if jax.process_count() > 1:
+      labels = np.asarray(multihost_utils.process_allgather(labels, tiled=True))
+      mask = np.asarray(multihost_utils.process_allgather(mask, tiled=True))
+    all_probs.append(probs)
+    all_labels.append(np.asarray(labels))
+    all_masks.append(np.asarray(mask))
+  return metrics_lib.grading_metrics(np.concatenate(all_labels), np.concatenate(all_probs),
+                                     mask=np.concatenate(all_masks))
+
+
+# --------------------------------------------------------------------------- #
+# Checkpoints.
+
+
+def make_checkpoint_manager(directory: str, keep: int):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint import checkpoint_managers as managers  # pylint: disable=g-import-not-at-top
+  policy = managers.AnyPreservationPolicy([
+      managers.LatestN(n=keep),
+      managers.BestN(get_metric_fn=lambda m: m["quadratic_kappa"], n=1,
+                     keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy,
+                                         enable_async_checkpointing=True,
+                                         cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  return (f"{hours}h" if hours else "") + f"{rest // 60:02d}m{rest % 60:02d}s"
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  eval_metrics: Optional[dict]
+  workdir: str
+
+
+def train_and_evaluate(config, workdir: str) -> TrainResult:
+  """Trains the DR grader described by ``config``; resumes from ``workdir``."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  is_writer = jax.process_index() == 0
+  mesh = make_data_mesh()
+  check_global_batch(config.batch_size, mesh)
+  logging.info("mesh %s: %d devices on %d hosts (%d local), platform %s", dict(mesh.shape),
+               jax.device_count(), jax.process_count(), jax.local_device_count(),
+               jax.devices()[0].platform)
+  os.makedirs(workdir, exist_ok=True)
+  if is_writer:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  root_key = jax.random.key(config.seed)
+  model = build_model(config.model)
+  total_steps = sum(config.schedule.steps)
+  schedule = optimizer_lib.learning_rate_schedule(config.schedule.learning_rates, config.schedule.steps)
+  tx = optimizer_lib.make_optimizer(config.optimizer, schedule)
+
+  from drig import input_pipeline as pipeline  # pylint: disable=g-import-not-at-top
+  sources = load_sources(config.data, prepare=True)
+
+  checkpoints = make_checkpoint_manager(os.path.join(workdir, "checkpoints"),
+                                        config.keep_checkpoints)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def fresh_state():
+    variables, report = initial_variables(config, model, root_key)
+    logging.info("initialisation: %s", report)
+    if is_writer:
+      with open(os.path.join(workdir, "init_report.txt"), "w", encoding="utf-8") as f:
+        f.write(str(report) + "\n")
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(variables["params"]))
+
+  latest = checkpoints.latest_step()
+  if latest is None:
+    state = replicate(fresh_state(), mesh)
+  else:
+    abstract = jax.eval_shape(fresh_state)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+    state = checkpoints.restore(latest, args=ocp.args.StandardRestore(abstract))
+    logging.info("resumed from %s at step %d", checkpoints.directory, latest)
+  start_step = int(state.step)
+
+  train_step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, root_key=root_key,
+                        freeze_base_steps=config.freeze_base_steps, schedule=schedule),
+      donate_argnums=(0,))
+  predict_fn = jax.jit(functools.partial(predict_step, model=model))
+
+  writer = metric_writer_lib.MetricWriter(workdir, enabled=is_writer)
+  train_batches = pipeline.train_iterator(
+      sources["train"], config.data, batch_size=config.batch_size, seed=config.seed,
+      start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+  def run_eval(step, variables):
+    batches = pipeline.eval_batches(sources["validation"], config.eval_batch_size,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    eval_metrics = evaluate(predict_fn, variables, batches, mesh)
+    writer.write(step, eval_metrics, prefix="val/")
+    logging.info("step %d validation: accuracy %.4f kappa %.4f auc(any DR) %.4f", step,
+                 eval_metrics["accuracy"], eval_metrics["quadratic_kappa"],
+                 eval_metrics["auc_any_dr"])
+    return eval_metrics
+
+  eval_metrics = None
+  pending = None  # (step, metrics on device) of the step dispatched last.
+  window_start, window_steps = time.perf_counter(), 0
+  try:
+    for step in range(start_step, total_steps):
+      batch = shard_batch(next(train_batches), mesh)
+      state, step_metrics = train_step_fn(state, batch)
+      # Check the previous step's loss while this one runs: names the exact step
+      # that went wrong without stalling the device pipeline.
+      if pending is not None:
+        _check_and_log(pending, writer, config, total_steps, window_start, window_steps)
+      pending = (step, step_metrics)
+      window_steps += 1
+      done = step + 1
+      if done % config.log_every == 0 or done == total_steps:
+        _check_and_log(pending, writer, config, total_steps, window_start, window_steps,
+                       force_log=True)
+        pending = None
+        window_start, window_steps = time.perf_counter(), 0
+      is_eval = done % config.eval_every == 0 or done == total_steps
+      if is_eval:
+        if pending is not None:
+          _check_and_log(pending, writer, config, total_steps, window_start, window_steps)
+          pending = None
+        eval_metrics = run_eval(done, state.variables())
+      if is_eval or done % config.checkpoint_every == 0:
+        if pending is not None:
+          _check_and_log(pending, writer, config, total_steps, window_start, window_steps)
+          pending = None
+        checkpoints.save(done, args=ocp.args.StandardSave(state),
+                         metrics=({"quadratic_kappa": eval_metrics["quadratic_kappa"]}
+                                  if is_eval else None))
+    if pending is not None:
+      _check_and_log(pending, writer, config, total_steps, window_start, window_steps)
+    if eval_metrics is None and start_step >= total_steps:
+      eval_metrics = run_eval(int(state.step), state.variables())
+  finally:
+    checkpoints.wait_until_finished()
+    checkpoints.close()
+    writer.close()
+    close = getattr(train_batches, "close", None)
+    if close is not None:
+      close()
+  if is_writer and eval_metrics is not None:
+    with open(os.path.join(workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
+      json.dump(eval_metrics, f, indent=2)
+  return TrainResult(state=state, eval_metrics=eval_metrics, workdir=workdir)
+
+
+def _check_and_log(pending, writer, config, total_steps, window_start, window_steps,
+                   force_log=False):
+  step, step_metrics = pending
+  values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+  if not np.isfinite(values["loss"]):
+    raise NonFiniteLossError(
+        f"training loss is {values['loss']} at step {step} (learning rate "
+        f"{values['learning_rate']:g}); stopping. The last checkpoint is unaffected; lower the "
+        f"learning rate or check the input data before resuming.")
+  if not force_log:
+    return
+  elapsed = time.perf_counter() - window_start
+  steps_per_s = window_steps / elapsed if elapsed > 0 else float("nan")
+  values["steps_per_second"] = steps_per_s
+  values["images_per_second"] = steps_per_s * config.batch_size
+  writer.write(step + 1, values, prefix="train/")
+  eta = (total_steps - step - 1) / steps_per_s if steps_per_s > 0 else float("nan")
+  logging.info("step %d/%d loss %.4f acc %.3f lr %.2g | %.2f steps/s %.1f img/s | ETA %s",
+               step + 1, total_steps, values["loss"], values["accuracy"],
+               values["learning_rate"], steps_per_s, values["images_per_second"],
+               _format_eta(eta) if np.isfinite(eta) else "?")

@@ -1,0 +1,235 @@
+"""The training library and binary on tiny synthetic data with the tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base as base_config
+from drig import input_pipeline
+from drig.training import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """The tiny synthetic data set, generated once for this module."""
+  from drig.data import datasets  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("tfds"))
+  datasets.load_builder_from_config(_config(path).data)
+  return path
+
+
+def _config(data_dir, **overrides):
+  config = base_config.get_config("tiny")
+  config.data.data_dir = data_dir
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  config.lock()
+  return config
+
+
+def _read_checkpoint(path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(path)
+  # CheckpointManager keeps its single item in the "default" folder of each step.
+  if os.path.isdir(os.path.join(path, "default")):
+    path = os.path.join(path, "default")
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path)
+
+
+def _assert_trees_equal(a, b):
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_few_steps_write_metrics_and_checkpoints(data_dir, tmp_path):
+  config = _config(data_dir)
+  result = trainer.train_and_evaluate(config, str(tmp_path))
+  total = sum(config.schedule.steps)
+  assert int(result.state.step) == total
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl", encoding="utf-8")]
+  train_records = [r for r in records if "train/loss" in r]
+  eval_records = [r for r in records if "val/quadratic_kappa" in r]
+  assert [r["step"] for r in train_records] == list(range(2, total + 1, 2))
+  assert all(np.isfinite(r["train/loss"]) for r in train_records)
+  # The schedule's phases reach the step: 1e-3 for 4 steps, 2e-4 for 3, then 5e-5.
+  rates = {r["step"]: r["train/learning_rate"] for r in train_records}
+  assert rates[2] == pytest.approx(1e-3) and rates[6] == pytest.approx(2e-4)
+  assert rates[10] == pytest.approx(5e-5)
+  assert [r["step"] for r in eval_records] == [5, 10]
+  assert eval_records[-1]["val/num_examples"] == 15  # every validation example, once
+  assert sum(map(sum, eval_records[-1]["val/confusion_matrix"])) == 15
+  assert os.listdir(tmp_path / "tensorboard")
+  assert "randomly initialised" in (tmp_path / "init_report.txt").read_text()
+  final = json.loads((tmp_path / "final_metrics.json").read_text())
+  assert final["quadratic_kappa"] == eval_records[-1]["val/quadratic_kappa"]
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert steps[-1] == total and len(steps) <= config.keep_checkpoints + 1
+  saved = _read_checkpoint(tmp_path / "checkpoints" / str(total))
+  _assert_trees_equal(saved["params"], result.state.params)
+
+
+def test_balanced_batches_reach_the_train_step(data_dir):
+  config = _config(data_dir)
+  sources = trainer.load_sources(config.data, prepare=False)
+  batches = input_pipeline.train_iterator(sources["train"], config.data,
+                                          batch_size=config.batch_size, seed=0)
+  mesh = trainer.make_data_mesh()
+  count_grades = jax.jit(lambda batch: jnp.bincount(batch["label"], length=5))
+  expected = input_pipeline.class_counts(config.batch_size, config.data.class_proportions)
+  for _ in range(5):
+    counts = count_grades(trainer.shard_batch(next(batches), mesh))
+    np.testing.assert_array_equal(np.asarray(counts), expected)
+  np.testing.assert_array_equal(expected, [8, 1, 2, 1, 4])
+  batches.close()
+
+
+def test_non_finite_loss_stops_with_the_step(data_dir, tmp_path):
+  # Adam moves every weight by about the learning rate: 1e30 overflows at once.
+  config = _config(data_dir, **{"schedule.learning_rates": (1e30, 1e30, 1e30)})
+  with pytest.raises(trainer.NonFiniteLossError, match=r"at step 1\b"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_config_typo_is_an_error():
+  config = base_config.get_config("runlocal")
+  config.lock()
+  with pytest.raises(AttributeError):
+    config.batch_szie = 8
+  with pytest.raises(AttributeError):
+    config.optimizer.learning_rate = 1e-3
+  with pytest.raises(ValueError, match="unknown configs/.*argument"):
+    base_config.get_config("runlcoal")
+
+
+def test_global_batch_must_divide_by_devices():
+  mesh = trainer.make_data_mesh()
+  with pytest.raises(ValueError, match="does not divide"):
+    trainer.check_global_batch(3, jax.sharding.Mesh(np.array(jax.devices() * 2), ("data",)))
+  trainer.check_global_batch(4, mesh)
+
+
+def _train_command(workdir, data_dir):
+  return [sys.executable, "-m", "drig.train", "--config=configs/base.py:tiny",
+          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+          "--config.schedule.steps=(8,8,8)", "--config.eval_every=100"]
+
+
+def _env(cache_dir):
+  env = dict(os.environ)
+  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  return env
+
+
+def _finished_steps(checkpoint_dir):
+  if not os.path.isdir(checkpoint_dir):
+    return []
+  return sorted(int(d) for d in os.listdir(checkpoint_dir) if d.isdigit())
+
+
+def test_resume_after_kill_equals_uninterrupted_run(data_dir, tmp_path):
+  env = _env(tmp_path / "jax_cache")
+  reference = tmp_path / "reference"
+  subprocess.run(_train_command(reference, data_dir), cwd=ROOT, env=env, check=True,
+                 capture_output=True)
+  killed = tmp_path / "killed"
+  process = subprocess.Popen(_train_command(killed, data_dir), cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  try:
+    while time.time() < deadline and process.poll() is None:
+      done = _finished_steps(killed / "checkpoints")
+      if done and done[-1] >= 6:
+        break
+      time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+  finally:
+    process.wait()
+  assert process.returncode == -signal.SIGKILL
+  interrupted_at = _finished_steps(killed / "checkpoints")[-1]
+  assert 6 <= interrupted_at < 24
+  resumed = subprocess.run(_train_command(killed, data_dir), cwd=ROOT, env=env,
+                           capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from" in resumed.stderr
+  _assert_trees_equal(_read_checkpoint(killed / "checkpoints" / "24"),
+                      _read_checkpoint(reference / "checkpoints" / "24"))
+
+
+_DATA_PARALLEL_SCRIPT = r"""
+import os, sys, functools
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, numpy as np, optax
+# In float32 the tiny random network's gradients are ill-conditioned: merely
+# permuting the batch on one device moves some BatchNorm gradients by ~15%.
+# In float64 any real difference between 1 and 8 devices stands out.
+jax.config.update("jax_enable_x64", True)
+sys.path.insert(0, os.getcwd())
+from configs import base as base_config
+from drig.training import trainer, optimizer
+
+config = base_config.get_config("tiny")
+# SGD: the update is linear in the gradient. (Adam's first step is lr * sign(g),
+# which flips for gradients at rounding level and hides nothing but noise.)
+config.optimizer.name = "sgd"
+config.schedule.learning_rates = (0.1, 0.1, 0.1)
+config.model.dtype = config.model.param_dtype = "float64"
+model = trainer.build_model(config.model)
+root_key = jax.random.key(0)
+variables, _ = trainer.initial_variables(config, model, root_key)
+schedule = optimizer.learning_rate_schedule(config.schedule.learning_rates, config.schedule.steps)
+tx = optimizer.make_optimizer(config.optimizer, schedule)
+rng = np.random.default_rng(0)
+batch = {"image": rng.integers(0, 256, (16, 80, 80, 3), dtype=np.uint8),
+         "label": rng.integers(0, 5, 16).astype(np.int32)}
+results = []
+for devices in (jax.devices()[:1], jax.devices()):
+  assert len(devices) in (1, 8)
+  mesh = trainer.make_data_mesh(devices)
+  state = trainer.TrainState(step=jax.numpy.zeros((), jax.numpy.int32),
+                             params=variables["params"], batch_stats=variables["batch_stats"],
+                             opt_state=tx.init(variables["params"]))
+  state = trainer.replicate(state, mesh)
+  step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, root_key=root_key,
+                                   freeze_base_steps=0, schedule=schedule))
+  sharded = trainer.shard_batch(batch, mesh)
+  assert len(sharded["image"].sharding.device_set) == len(devices)
+  new_state, metrics = step(state, sharded)
+  results.append(jax.device_get((new_state.params, new_state.batch_stats, metrics["loss"])))
+flat1, flat8 = jax.tree.leaves(results[0]), jax.tree.leaves(results[1])
+worst = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12)) for a, b in zip(flat1, flat8))
+print("WORST_RELATIVE_DIFFERENCE", worst)
+# Logits are cast to float32 for the loss, so agreement is to ~1e-7, not 1e-15; a
+# per-device BatchNorm or a dropped shard would show as O(1) differences.
+assert worst < 1e-6, worst
+"""
+
+
+def test_data_parallel_step_on_8_devices_equals_one_device():
+  env = _env("/tmp/drig_unused_cache")
+  env.pop("JAX_COMPILATION_CACHE_DIR")
+  result = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_SCRIPT], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  assert "WORST_RELATIVE_DIFFERENCE" in result.stdout
