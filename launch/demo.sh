@@ -9,3 +9,8 @@ source launch/env.sh requirements.txt
 export TF_CPP_MIN_LOG_LEVEL=2
 WORKDIR="${DRIG_WORKDIR:-workdirs}"
 python -m drig.prepare_data --config=configs/data.py:runlocal --workdir="$WORKDIR/data"
+python -m drig.train --config=configs/base.py:runlocal --workdir="$WORKDIR/runlocal"
+echo
+echo "Data previews:   $WORKDIR/data"
+echo "Training run:    $WORKDIR/runlocal (metrics.jsonl, tensorboard/, checkpoints/)"
+echo "Final metrics:   $WORKDIR/runlocal/final_metrics.json"

@@ -79,7 +79,8 @@ def test_a_few_steps_write_metrics_and_checkpoints(data_dir, tmp_path):
   assert os.listdir(tmp_path / "tensorboard")
   assert "randomly initialised" in (tmp_path / "init_report.txt").read_text()
   final = json.loads((tmp_path / "final_metrics.json").read_text())
-  assert final["quadratic_kappa"] == eval_records[-1]["val/quadratic_kappa"]
+  assert final["validation"]["quadratic_kappa"] == eval_records[-1]["val/quadratic_kappa"]
+  assert final["test"]["num_examples"] == 15 and final["step"] == total
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert steps[-1] == total and len(steps) <= config.keep_checkpoints + 1
   saved = _read_checkpoint(tmp_path / "checkpoints" / str(total))
@@ -233,3 +234,19 @@ def test_data_parallel_step_on_8_devices_equals_one_device():
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
   assert "WORST_RELATIVE_DIFFERENCE" in result.stdout
+
+
+def test_kaggle_config_fails_at_start_up_with_download_instructions(tmp_path):
+  from configs import kaggle  # pylint: disable=g-import-not-at-top
+  from drig.data import eyepacs  # pylint: disable=g-import-not-at-top
+  config = kaggle.get_config()
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.manual_dir = str(tmp_path / "manual")
+  config.init.path = str(tmp_path / "weights" / "inception_v3_notop.h5")
+  with pytest.raises(FileNotFoundError, match="inception_v3_weights_tf_dim_ordering.*notop.h5"):
+    trainer.train_and_evaluate(config, str(tmp_path / "work"))
+  (tmp_path / "weights").mkdir()
+  (tmp_path / "weights" / "inception_v3_notop.h5").write_bytes(b"placeholder")
+  with pytest.raises(eyepacs.ManualDownloadError, match="kaggle"):
+    trainer.train_and_evaluate(config, str(tmp_path / "work"))
+  assert not (tmp_path / "work").exists()  # nothing started
