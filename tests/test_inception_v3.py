@@ -255,7 +255,7 @@ def test_models_from_configs():
   config = configs.get_model_config()
   config.dtype = "bfloat16"
   assert classifier.build_classifier(config).dtype == jnp.bfloat16
-  config.dtype = "float64"
+  config.dtype = "float128"
   with pytest.raises(ValueError, match="model.dtype must be one of"):
     classifier.build_classifier(config)
   with pytest.raises(ValueError, match="unknown configs/model.py argument"):

@@ -250,3 +250,44 @@ def test_kaggle_config_fails_at_start_up_with_download_instructions(tmp_path):
   with pytest.raises(eyepacs.ManualDownloadError, match="kaggle"):
     trainer.train_and_evaluate(config, str(tmp_path / "work"))
   assert not (tmp_path / "work").exists()  # nothing started
+
+
+class _ToyClassifier:
+  """A two-part Flax model with the classifier's parameter layout ("base" + head)."""
+
+  def __new__(cls):
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+    class Toy(nn.Module):
+
+      @nn.compact
+      def __call__(self, x, train=False):
+        h = nn.Conv(4, (3, 3), name="base")(x)
+        h = nn.BatchNorm(use_running_average=not train, name="bn")(h)
+        h = nn.Dropout(0.5, deterministic=not train)(h.mean(axis=(1, 2)))
+        return nn.Dense(5, name="logits")(h)
+
+    return Toy()
+
+
+def test_freeze_base_steps_trains_only_the_head_at_first():
+  import optax  # pylint: disable=g-import-not-at-top
+  model = _ToyClassifier()
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (8, 12, 12, 3), dtype=np.uint8),
+           "label": rng.integers(0, 5, 8).astype(np.int32)}
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 12, 12, 3)))
+  tx = optax.sgd(0.1)
+  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                             batch_stats=variables["batch_stats"],
+                             opt_state=tx.init(variables["params"]))
+  step = jax.jit(lambda s, b: trainer.train_step(
+      s, b, model=model, tx=tx, root_key=jax.random.key(1), freeze_base_steps=1,
+      schedule=lambda _: 0.1))
+  first, _ = step(state, batch)
+  second, _ = step(first, batch)
+  # Step 0 is frozen: the base keeps its weights, the head moves.
+  _assert_trees_equal(first.params["base"], state.params["base"])
+  assert not np.allclose(first.params["logits"]["kernel"], state.params["logits"]["kernel"])
+  # Step 1 is past the freeze: the base moves too.
+  assert not np.allclose(second.params["base"]["kernel"], first.params["base"]["kernel"])

@@ -355,7 +355,14 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   if latest is None:
     state = replicate(fresh_state(), mesh)
   else:
-    abstract = jax.eval_shape(fresh_state)
+    def abstract_state():
+      dummy = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
+      variables = model.init({"params": root_key, "dropout": root_key}, dummy, train=False)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                        batch_stats=variables.get("batch_stats", {}),
+                        opt_state=tx.init(variables["params"]))
+
+    abstract = jax.eval_shape(abstract_state)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
     state = checkpoints.restore(latest, args=ocp.args.StandardRestore(abstract))
