@@ -14,6 +14,7 @@ Main entry points:
   drig.attribution.heatmap (green/red rendering)
 """
 
+from drig.attribution import heatmap
 from drig.attribution.active_regions import active_regions
 from drig.attribution.active_regions import ActiveRegions
 from drig.attribution.active_regions import channel_cotangents

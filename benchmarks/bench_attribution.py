@@ -1,0 +1,515 @@
+r"""drig's integrated gradients against Captum's, on the same Inception-v3.
+
+Both libraries run torchvision's inception_v3 architecture with the same
+weights (random, He-initialised, 5 classes; saved by torch and imported into
+drig with drig.models.importer.load_torchvision), on the same images, with the
+same steps and rule (riemann_right, the poster's). Timed runs alternate
+drig / Captum (A B A B) so that load from other processes hits both alike.
+
+Parts (--parts, comma-separated):
+  pixel        pixel IG, images/s and s/step, at each --sizes.
+  analysis     the poster's whole per-image analysis: pixel IG, layer IG at
+               Conv2d_4a_3x3, the top-10 positive and negative channels' active
+               regions and both resultant maps.
+  memory       peak RSS for each --memory_steps, each in a fresh subprocess
+               (drig chunked; Captum's internal_batch_size bounds its memory).
+  flops        achieved GFLOP/s from XLA's cost analysis of one chunk, next to
+               the best float32 matrix multiply of torch, numpy and jax.
+  xla_flags    pixel IG under each --xla_flag_sets, one subprocess per run.
+  batching     one big batch against chunks; Python loop over jitted chunks
+               against lax.scan.
+  convergence  relative completeness gap against steps for riemann_right and
+               gausslegendre; the fewest steps under 1% for each.
+
+Full run (the lead, on a quiet machine):
+  python benchmarks/bench_attribution.py
+Smoke run:
+  python benchmarks/bench_attribution.py --sizes=96 --steps=4 --repeats=1 \
+    --captum_neurons=1 --memory_steps=4,8 --memory_size=96 --convergence_steps=8,16 \
+    --batching_configs=python:4,python:2,scan:2
+"""
+
+import functools
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+_PARTS = flags.DEFINE_list(
+    "parts", ["pixel", "analysis", "flops", "batching", "xla_flags", "memory", "convergence"],
+    "Which measurements to run.")
+_SIZES = flags.DEFINE_list("sizes", ["256", "299"], "Square input sizes in pixels.")
+_STEPS = flags.DEFINE_integer("steps", 32, "Integration steps.")
+_BATCH = flags.DEFINE_integer("batch", 1, "Images per call.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repetitions (alternating drig/Captum).")
+_CHUNK = flags.DEFINE_integer("chunk_size", 0, "drig's chunk_size; 0: its default.")
+_CAPTUM_BATCH = flags.DEFINE_integer("captum_internal_batch_size", 8,
+                                     "Captum's internal_batch_size (path points per call).")
+_CAPTUM_NEURONS = flags.DEFINE_integer(
+    "captum_neurons", 20, "How many of Captum's 20 neuron integrations to run in 'analysis'; "
+    "fewer are timed and scaled to 20 (said so in the output).")
+_LAYER = flags.DEFINE_string("layer", "Conv2d_4a_3x3", "The inspected layer (the stem's last).")
+_TOP_K = flags.DEFINE_integer("top_k", 10, "Neurons of each sign in 'analysis'.")
+_MEMORY_STEPS = flags.DEFINE_list("memory_steps", ["32", "128", "512"], "Steps for 'memory'.")
+_MEMORY_SIZE = flags.DEFINE_integer("memory_size", 256, "Input size for 'memory'.")
+_MEMORY_UNCHUNKED_MAX = flags.DEFINE_integer(
+    "memory_unchunked_max", 128, "In 'memory', also run drig unchunked up to this many steps.")
+_XLA_FLAG_SETS = flags.DEFINE_list(
+    "xla_flag_sets",
+    ["", "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"],
+    "XLA_FLAGS values to compare ('' = XLA's defaults).")
+_BATCHING = flags.DEFINE_list(
+    "batching_configs", ["python:32", "python:16", "python:8", "scan:8"],
+    "loop:chunk_size settings for 'batching' (chunk = steps is one big batch).")
+_CONVERGENCE_STEPS = flags.DEFINE_list("convergence_steps",
+                                       ["8", "16", "32", "64", "128", "256"],
+                                       "Step counts for 'convergence' (multiples of 8 share "
+                                       "one compiled chunk).")
+_CONVERGENCE_IMAGES = flags.DEFINE_integer("convergence_images", 2,
+                                           "Images for 'convergence'.")
+_CHILD = flags.DEFINE_string("child", "", "Internal: run one measurement in this process.")
+_CHILD_ARGS = flags.DEFINE_string("child_args", "{}", "Internal: JSON arguments for --child.")
+
+NUM_GRADES = 5
+GRADE = 4
+
+
+def log(*args):
+  print(*args, flush=True)
+
+
+# ------------------------------------------------------------------------------
+# Models, weights and inputs shared by both libraries.
+
+
+def smooth_images(n, size, seed=7):
+  """Smooth random images in [-1, 1] with a little noise (no max-pool ties)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:size, 0:size] / size
+  out = np.zeros((n, size, size, 3), np.float32)
+  for i in range(n):
+    for _ in range(12):
+      cy, cx, s = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.03, 0.2)
+      blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s)).astype(np.float32)
+      out[i] += rng.normal(size=3).astype(np.float32) * blob[..., None]
+  out = 0.95 * np.tanh(out) + rng.normal(0, 0.01, out.shape).astype(np.float32)
+  return np.clip(out, -1, 1).astype(np.float32)
+
+
+def torch_inception(seed=0):
+  """torchvision's inception_v3, 5 classes, He-initialised, eval mode."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torchvision  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False,
+                                          num_classes=NUM_GRADES)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.Conv2d):
+        torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+      elif isinstance(m, torch.nn.BatchNorm2d):
+        m.weight.uniform_(0.8, 1.2)
+        m.bias.normal_(0, 0.1)
+        m.running_mean.normal_(0, 0.1)
+        m.running_var.uniform_(0.8, 1.2)
+  return model.eval()
+
+
+def weights_file():
+  path = os.path.join(tempfile.gettempdir(), "drig_bench_inception_v3.pth")
+  if not os.path.exists(path):
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.save(torch_inception().state_dict(), path)
+  return path
+
+
+def _apply(model, variables, x):
+  return model.apply(variables, x)
+
+
+class Drig:
+  """drig's side: the imported model and its quantity functions."""
+
+  def __init__(self, path):
+    import jax  # pylint: disable=g-import-not-at-top
+    from drig import attribution  # pylint: disable=g-import-not-at-top
+    from drig.models import importer  # pylint: disable=g-import-not-at-top
+    from drig.models.inception_v3 import InceptionV3  # pylint: disable=g-import-not-at-top
+    self.attribution = attribution
+    self.model = InceptionV3(num_classes=NUM_GRADES, convention="torchvision")
+    self.variables = importer.load_torchvision(path)
+    logits = jax.tree_util.Partial(functools.partial(_apply, self.model), self.variables)
+    self.quantity = attribution.probability_of_grade(logits, GRADE)
+
+  def pixel_ig(self, x, steps, chunk_size=None, loop=None, method="riemann_right"):
+    import jax  # pylint: disable=g-import-not-at-top
+    ig_lib = importlib.import_module("drig.attribution.integrated_gradients")
+    b = self.attribution.half_gray_baseline(x)
+    out = ig_lib._integrated_gradients(self.quantity, x, b, steps=steps, method=method,  # pylint: disable=protected-access
+                                       chunk_size=chunk_size, loop=loop)
+    return jax.block_until_ready(out)
+
+  def analysis(self, x, steps, k, layer, chunk_size=None):
+    import jax  # pylint: disable=g-import-not-at-top
+    to_layer, layer_logits = self.attribution.split_model(self.model, self.variables, layer)
+    out = self.attribution.lesion_detection(
+        to_layer, self.attribution.probability_of_grade(layer_logits, GRADE), x,
+        self.attribution.half_gray_baseline(x), k=k, steps=steps, chunk_size=chunk_size)
+    return jax.block_until_ready(out)
+
+
+class Captum:
+  """Captum's side: torchvision's model with the same weights."""
+
+  def __init__(self, path):
+    import torch  # pylint: disable=g-import-not-at-top
+    from captum import attr  # pylint: disable=g-import-not-at-top
+    self.torch, self.attr = torch, attr
+    self.model = torch_inception()
+    self.model.load_state_dict(torch.load(path, weights_only=True))
+    self.model.eval()
+    self.forward = lambda inputs: torch.softmax(self.model(inputs), dim=-1)
+
+  def _inputs(self, x):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    inputs = self.torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+    return inputs, self.torch.full_like(inputs, 128 / 127.5 - 1)
+
+  def pixel_ig(self, x, steps, internal_batch_size):
+    inputs, baselines = self._inputs(x)
+    return self.attr.IntegratedGradients(self.forward).attribute(
+        inputs, baselines=baselines, target=GRADE, n_steps=steps, method="riemann_right",
+        internal_batch_size=internal_batch_size)
+
+  def analysis(self, x, steps, k, layer, internal_batch_size, neurons_run):
+    """Returns {part: seconds}; neuron time is scaled to 2k if fewer were run."""
+    inputs, baselines = self._inputs(x)
+    kw = dict(baselines=baselines, n_steps=steps, method="riemann_right",
+              internal_batch_size=internal_batch_size)
+    times = {}
+    t = time.perf_counter()
+    pixels = self.attr.IntegratedGradients(self.forward).attribute(inputs, target=GRADE, **kw)
+    times["pixel IG"] = time.perf_counter() - t
+    module = getattr(self.model, layer)
+    t = time.perf_counter()
+    units = self.attr.LayerIntegratedGradients(self.forward, module).attribute(
+        inputs, target=GRADE, **kw)
+    times["layer IG"] = time.perf_counter() - t
+    channels = units.sum(dim=(2, 3))[0]
+    order = self.torch.argsort(channels)
+    chosen = list(order[-k:].tolist()) + list(order[:k].tolist())
+    nig = self.attr.NeuronIntegratedGradients(self.model, module)
+    regions = []
+    t = time.perf_counter()
+    for c in chosen[:neurons_run]:
+      regions.append(nig.attribute(inputs, neuron_selector=lambda a, c=c: a[:, c].sum((1, 2)),
+                                   **kw))
+    elapsed = time.perf_counter() - t
+    times["neuron IGs"] = elapsed * len(chosen) / max(1, len(regions))
+    t = time.perf_counter()
+    w = channels[chosen[:len(regions)]]
+    sum(wi * r for wi, r in zip(w, regions))  # the resultant maps: weighted sums
+    times["resultant maps"] = time.perf_counter() - t
+    del pixels
+    return times
+
+
+# ------------------------------------------------------------------------------
+# Parts.
+
+
+def _chunk(steps):
+  return _CHUNK.value or None
+
+
+def _settle(seconds=1.0):
+  """Lets the other library's worker threads stop spinning before a timed run."""
+  time.sleep(seconds)
+
+
+def part_pixel(drig, captum):
+  for size in map(int, _SIZES.value):
+    x = smooth_images(_BATCH.value, size)
+    steps = _STEPS.value
+    t = time.perf_counter()
+    drig.pixel_ig(x, steps, _chunk(steps))
+    log(f"[pixel {size}px] drig first call (compile + run): {time.perf_counter() - t:.1f} s")
+    captum.pixel_ig(x, steps, _CAPTUM_BATCH.value)  # warm-up
+    d, c = [], []
+    for _ in range(_REPEATS.value):
+      _settle()
+      t = time.perf_counter()
+      drig.pixel_ig(x, steps, _chunk(steps))
+      d.append(time.perf_counter() - t)
+      _settle()
+      t = time.perf_counter()
+      captum.pixel_ig(x, steps, _CAPTUM_BATCH.value)
+      c.append(time.perf_counter() - t)
+    n = _BATCH.value
+    log(f"[pixel {size}px, {steps} steps, batch {n}] drig {min(d):.2f} s "
+        f"({n / min(d):.3f} img/s, {min(d) / steps / n:.3f} s/step)  Captum {min(c):.2f} s "
+        f"({n / min(c):.3f} img/s, {min(c) / steps / n:.3f} s/step)  "
+        f"speed-up {min(c) / min(d):.2f}x   (all drig {['%.2f' % v for v in d]}, "
+        f"Captum {['%.2f' % v for v in c]})")
+
+
+def part_analysis(drig, captum):
+  for size in map(int, _SIZES.value):
+    x = smooth_images(1, size)
+    steps, k = _STEPS.value, _TOP_K.value
+    t = time.perf_counter()
+    drig.analysis(x, steps, k, _LAYER.value, _chunk(steps))
+    log(f"[analysis {size}px] drig first call (compile + run): {time.perf_counter() - t:.1f} s")
+    d, c = [], []
+    for _ in range(_REPEATS.value):
+      _settle()
+      t = time.perf_counter()
+      drig.analysis(x, steps, k, _LAYER.value, _chunk(steps))
+      d.append(time.perf_counter() - t)
+      _settle()
+      c.append(captum.analysis(x, steps, k, _LAYER.value, _CAPTUM_BATCH.value,
+                               _CAPTUM_NEURONS.value))
+    best = min(c, key=lambda times: sum(times.values()))
+    total = sum(best.values())
+    scaled = (f" (neuron IGs: {_CAPTUM_NEURONS.value} of {2 * k} run, time scaled)"
+              if _CAPTUM_NEURONS.value < 2 * k else "")
+    log(f"[analysis {size}px, {steps} steps, top-{k}] drig {min(d):.2f} s  Captum "
+        f"{total:.2f} s = " + ", ".join(f"{p} {s:.2f}" for p, s in best.items()) + scaled +
+        f"  speed-up {total / min(d):.2f}x")
+
+
+def _run_child(kind, args, xla_flags=None):
+  env = dict(os.environ)
+  if xla_flags is not None:
+    env["XLA_FLAGS"] = xla_flags
+  cmd = [sys.executable, __file__, f"--child={kind}", f"--child_args={json.dumps(args)}"]
+  result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+  lines = [l for l in result.stdout.splitlines() if l.startswith("{")]
+  if result.returncode != 0 or not lines:
+    return {"error": (result.stderr or result.stdout)[-2000:]}
+  return json.loads(lines[-1])
+
+
+def part_memory(drig, captum):
+  del drig, captum
+  size = _MEMORY_SIZE.value
+  for steps in map(int, _MEMORY_STEPS.value):
+    runs = [("drig", _CHUNK.value), ("captum", 0)]
+    if steps <= _MEMORY_UNCHUNKED_MAX.value:
+      runs.insert(1, ("drig", steps))  # one big batch, for contrast
+    for lib, chunk in runs:
+      r = _run_child("memory", dict(lib=lib, size=size, steps=steps, chunk=chunk,
+                                    captum_batch=_CAPTUM_BATCH.value))
+      name = lib if lib == "captum" else f"drig (chunk {chunk or 'default'})"
+      if "error" in r:
+        log(f"[memory {name} {steps} steps] failed: {r['error']}")
+        continue
+      log(f"[memory {size}px, {steps:3d} steps] {name:22s} peak RSS {r['run_mb']:6.0f} MB "
+          f"(+{r['run_mb'] - r['before_mb']:5.0f} MB over the {r['before_mb']:.0f} MB before the "
+          f"call); first call (compiling) {r['first_mb']:.0f} MB; {r['loaded_mb']:.0f} MB after "
+          f"loading the model; {r['seconds']:.1f} s")
+
+
+def _child_memory(args):
+  x = smooth_images(1, args["size"])
+  path = weights_file()
+  if args["lib"] == "drig":
+    lib = Drig(path)
+    run = lambda: lib.pixel_ig(x, args["steps"], args["chunk"] or None)
+  else:
+    lib = Captum(path)
+    run = lambda: lib.pixel_ig(x, args["steps"], args["captum_batch"])
+  loaded = _rss_mb("VmRSS")
+  _reset_peak()
+  run()
+  first = _rss_mb("VmHWM")
+  _reset_peak()
+  before = _rss_mb("VmRSS")
+  t = time.perf_counter()
+  run()
+  return dict(run_mb=_rss_mb("VmHWM"), before_mb=before, first_mb=first, loaded_mb=loaded,
+              seconds=time.perf_counter() - t)
+
+
+def _reset_peak():
+  """Resets the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0)."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+
+
+def _rss_mb(field):
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) / 1024  # kB
+  return float("nan")
+
+
+def _matmul_rates(n=2048, reps=5):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  a = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
+  flop = 2 * n ** 3
+  rates = {}
+  ta = torch.from_numpy(a)
+  ja = jnp.asarray(a)
+  mm = jax.jit(lambda u: u @ u)
+  mm(ja).block_until_ready()
+  for name, fn in [("torch", lambda: ta @ ta), ("numpy", lambda: a @ a),
+                   ("jax", lambda: mm(ja).block_until_ready())]:
+    best = float("inf")
+    for _ in range(reps):
+      t = time.perf_counter()
+      fn()
+      best = min(best, time.perf_counter() - t)
+    rates[name] = flop / best / 1e9
+  return rates
+
+
+def part_flops(drig, captum):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  del captum
+  ig_lib = importlib.import_module("drig.attribution.integrated_gradients")
+  for size in map(int, _SIZES.value):
+    x = jnp.asarray(smooth_images(_BATCH.value, size))
+    steps = _STEPS.value
+    num_chunks, chunk = ig_lib.chunk_plan(steps, _chunk(steps), x.shape[0])
+    b = drig.attribution.half_gray_baseline(x)
+    nodes = [jnp.zeros((chunk,), jnp.float32)] * 3
+    operands = ig_lib.Operands(drig.quantity)
+    total = jnp.zeros(x.shape, jnp.float32)
+    compiled = ig_lib._chunk_step.lower(ig_lib._input_gradient, operands, b, x, *nodes,  # pylint: disable=protected-access
+                                        total).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    per_point = cost["flops"] / (chunk * x.shape[0])
+    drig.pixel_ig(x, steps, _chunk(steps))
+    best = float("inf")
+    for _ in range(_REPEATS.value):
+      t = time.perf_counter()
+      drig.pixel_ig(x, steps, _chunk(steps))
+      best = min(best, time.perf_counter() - t)
+    achieved = per_point * steps * x.shape[0] / best / 1e9
+    rates = _matmul_rates()
+    log(f"[flops {size}px] {per_point / 1e9:.1f} GFLOP per forward+input-gradient point "
+        f"(XLA cost analysis, chunks of {chunk}); pixel IG achieves {achieved:.0f} GFLOP/s; "
+        "best float32 2048^2 matmul: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
+        + " GFLOP/s")
+
+
+def part_xla_flags(drig, captum):
+  del drig, captum
+  size = int(_SIZES.value[0])
+  results = {s: [] for s in _XLA_FLAG_SETS.value}
+  for _ in range(_REPEATS.value):
+    for setting in _XLA_FLAG_SETS.value:
+      r = _run_child("pixel", dict(size=size, steps=_STEPS.value, chunk=_CHUNK.value,
+                                   batch=_BATCH.value), xla_flags=setting)
+      if "error" in r:
+        log(f"[xla_flags {setting or 'default'}] failed: {r['error']}")
+        continue
+      results[setting].append(r["seconds"])
+  for setting, times in results.items():
+    if times:
+      log(f"[xla_flags {size}px, {_STEPS.value} steps] {setting or '(XLA defaults)'}: best "
+          f"{min(times):.2f} s ({min(times) / _STEPS.value / _BATCH.value:.3f} s/step), "
+          f"all {['%.2f' % t for t in times]}")
+
+
+def _child_pixel(args):
+  drig = Drig(weights_file())
+  x = smooth_images(args["batch"], args["size"])
+  drig.pixel_ig(x, args["steps"], args["chunk"] or None)
+  best = float("inf")
+  for _ in range(2):
+    t = time.perf_counter()
+    drig.pixel_ig(x, args["steps"], args["chunk"] or None)
+    best = min(best, time.perf_counter() - t)
+  return dict(seconds=best)
+
+
+def part_batching(drig, captum):
+  del captum
+  size = int(_SIZES.value[0])
+  x = smooth_images(_BATCH.value, size)
+  steps = _STEPS.value
+  configs = [c.split(":") for c in _BATCHING.value]
+  for loop, chunk in configs:
+    t = time.perf_counter()
+    drig.pixel_ig(x, steps, int(chunk), loop)
+    log(f"[batching {size}px] {loop}:{chunk} first call (compile + run) "
+        f"{time.perf_counter() - t:.1f} s")
+  times = {f"{l}:{c}": [] for l, c in configs}
+  for _ in range(_REPEATS.value):
+    for loop, chunk in configs:
+      t = time.perf_counter()
+      drig.pixel_ig(x, steps, int(chunk), loop)
+      times[f"{loop}:{chunk}"].append(time.perf_counter() - t)
+  for name, ts in times.items():
+    log(f"[batching {size}px, {steps} steps] {name:10s} best {min(ts):.2f} s "
+        f"({min(ts) / steps / _BATCH.value:.3f} s/step), all {['%.2f' % t for t in ts]}")
+
+
+def part_convergence(drig, captum):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  del captum
+  size = int(_SIZES.value[0])
+  x = smooth_images(_CONVERGENCE_IMAGES.value, size, seed=11)
+  b = drig.attribution.half_gray_baseline(x)
+  change = np.abs(np.asarray(drig.quantity(x) - drig.quantity(jnp.broadcast_to(b, x.shape))))
+  summary = []
+  for method in ("riemann_right", "gausslegendre"):
+    under = []
+    for steps in map(int, _CONVERGENCE_STEPS.value):
+      _, gap = drig.pixel_ig(x, steps, chunk_size=8, method=method)
+      relative = np.abs(np.asarray(gap)) / change
+      log(f"[convergence {size}px] {method:14s} {steps:4d} steps: relative gap per image "
+          f"{' '.join('%.2e' % r for r in relative)}")
+      under.append((steps, bool(relative.max() < 0.01)))
+    first = next((s for s, ok in under if ok), None)
+    # The gap need not fall monotonically (ReLU kinks): also the count from
+    # which every larger count tested stays under 1%.
+    stays = next((s for i, (s, _) in enumerate(under) if all(ok for _, ok in under[i:])), None)
+    summary.append(f"{method} first at {first}, stays from {stays}")
+  log(f"[convergence {size}px] relative gap < 1% for every image: " + "; ".join(summary))
+
+
+PARTS = {"pixel": part_pixel, "analysis": part_analysis, "memory": part_memory,
+         "flops": part_flops, "xla_flags": part_xla_flags, "batching": part_batching,
+         "convergence": part_convergence}
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    child = {"memory": _child_memory, "pixel": _child_pixel}[_CHILD.value]
+    print(json.dumps(child(json.loads(_CHILD_ARGS.value))), flush=True)
+    return
+  unknown = set(_PARTS.value) - set(PARTS)
+  if unknown:
+    raise app.UsageError(f"unknown parts {sorted(unknown)}; use some of {sorted(PARTS)}")
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  log(f"jax {jax.__version__} on {jax.devices()}; torch {torch.__version__} with "
+      f"{torch.get_num_threads()} threads; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+      f"load average {os.getloadavg()[0]:.1f}")
+  path = weights_file()
+  drig = Drig(path) if set(_PARTS.value) - {"memory", "xla_flags"} else None
+  captum = Captum(path) if set(_PARTS.value) & {"pixel", "analysis"} else None
+  for part in _PARTS.value:
+    PARTS[part](drig, captum)
+
+
+if __name__ == "__main__":
+  app.run(main)
