@@ -15,18 +15,24 @@ Parts (--parts, comma-separated):
                (drig chunked; Captum's internal_batch_size bounds its memory).
   flops        achieved GFLOP/s from XLA's cost analysis of one chunk, next to
                the best float32 matrix multiply of torch, numpy and jax.
+  maxpool      pixel IG with drig's slice-based max pool against jax's
+               reduce_window max pool (whose gradient, XLA's select_and_scatter,
+               is slow on CPU), same process, alternating.
   xla_flags    pixel IG under each --xla_flag_sets, one subprocess per run.
   batching     one big batch against chunks; Python loop over jitted chunks
                against lax.scan.
   convergence  relative completeness gap against steps for riemann_right and
                gausslegendre; the fewest steps under 1% for each.
 
+--xla_flags sets XLA_FLAGS (appended) before JAX starts, for every part and
+child process; the 'xla_flags' part compares --xla_flag_sets instead.
+
 Full run (the lead, on a quiet machine):
   python benchmarks/bench_attribution.py
 Smoke run:
   python benchmarks/bench_attribution.py --sizes=96 --steps=4 --repeats=1 \
     --captum_neurons=1 --memory_steps=4,8 --memory_size=96 --convergence_steps=8,16 \
-    --batching_configs=python:4,python:2,scan:2
+    --batching_configs=python:4,python:2,scan:2,map:2
 """
 
 import functools
@@ -42,8 +48,10 @@ from absl import app
 from absl import flags
 
 _PARTS = flags.DEFINE_list(
-    "parts", ["pixel", "analysis", "flops", "batching", "xla_flags", "memory", "convergence"],
+    "parts", ["pixel", "analysis", "flops", "maxpool", "batching", "xla_flags", "memory",
+              "convergence"],
     "Which measurements to run.")
+_XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "Appended to XLA_FLAGS before JAX starts.")
 _SIZES = flags.DEFINE_list("sizes", ["256", "299"], "Square input sizes in pixels.")
 _STEPS = flags.DEFINE_integer("steps", 32, "Integration steps.")
 _BATCH = flags.DEFINE_integer("batch", 1, "Images per call.")
@@ -62,11 +70,15 @@ _MEMORY_UNCHUNKED_MAX = flags.DEFINE_integer(
     "memory_unchunked_max", 128, "In 'memory', also run drig unchunked up to this many steps.")
 _XLA_FLAG_SETS = flags.DEFINE_list(
     "xla_flag_sets",
-    ["", "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"],
+    ["", "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+     "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY_SLINKY",
+     "--xla_cpu_enable_fast_min_max=true"],
     "XLA_FLAGS values to compare ('' = XLA's defaults).")
 _BATCHING = flags.DEFINE_list(
-    "batching_configs", ["python:32", "python:16", "python:8", "scan:8"],
-    "loop:chunk_size settings for 'batching' (chunk = steps is one big batch).")
+    "batching_configs", ["python:32", "python:16", "python:8", "python:4", "scan:8", "map:8"],
+    "loop:chunk_size settings for 'batching' (chunk = steps is one big batch); loop is "
+    "python (jitted chunks dispatched from Python), scan (one lax.scan) or map (one lax.map "
+    "over the chunks, then a sum).")
 _CONVERGENCE_STEPS = flags.DEFINE_list("convergence_steps",
                                        ["8", "16", "32", "64", "128", "256"],
                                        "Step counts for 'convergence' (multiples of 8 share "
@@ -411,8 +423,10 @@ def part_xla_flags(drig, captum):
   del drig, captum
   size = int(_SIZES.value[0])
   results = {s: [] for s in _XLA_FLAG_SETS.value}
-  for _ in range(_REPEATS.value):
-    for setting in _XLA_FLAG_SETS.value:
+  for round_index in range(_REPEATS.value):
+    # A B C, then C B A: a trend in the machine's load favours no setting.
+    order = _XLA_FLAG_SETS.value[::(-1) ** round_index]
+    for setting in order:
       r = _run_child("pixel", dict(size=size, steps=_STEPS.value, chunk=_CHUNK.value,
                                    batch=_BATCH.value), xla_flags=setting)
       if "error" in r:
@@ -436,6 +450,48 @@ def _child_pixel(args):
     drig.pixel_ig(x, args["steps"], args["chunk"] or None)
     best = min(best, time.perf_counter() - t)
   return dict(seconds=best)
+
+
+def _reduce_window_max_pool(x):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+
+
+def part_maxpool(drig, captum):
+  """Pixel IG with the slice-based max pool (A) and reduce_window's (B), alternating.
+
+  B is a second Drig whose programs are traced while inception_v3._max_pool is
+  swapped for flax's reduce_window pool; compiled programs are cached per
+  model function, so the swap is undone before the timed calls.
+  """
+  del captum
+  from drig.models import inception_v3  # pylint: disable=g-import-not-at-top
+  size = int(_SIZES.value[0])
+  x = smooth_images(_BATCH.value, size)
+  steps = _STEPS.value
+  variants = {"slices (drig)": drig, "reduce_window": Drig(weights_file())}
+  fast_pool = inception_v3._max_pool  # pylint: disable=protected-access
+  for name, lib in variants.items():
+    pool = fast_pool if lib is drig else _reduce_window_max_pool
+    inception_v3._max_pool = pool  # pylint: disable=protected-access
+    try:
+      t = time.perf_counter()
+      lib.pixel_ig(x, steps, _chunk(steps))
+      log(f"[maxpool {size}px] {name} first call (compile + run) {time.perf_counter() - t:.1f} s")
+    finally:
+      inception_v3._max_pool = fast_pool  # pylint: disable=protected-access
+  times = {name: [] for name in variants}
+  for _ in range(_REPEATS.value):
+    for name, lib in variants.items():
+      t = time.perf_counter()
+      lib.pixel_ig(x, steps, _chunk(steps))
+      times[name].append(time.perf_counter() - t)
+  for name, ts in times.items():
+    log(f"[maxpool {size}px, {steps} steps, batch {_BATCH.value}] {name:14s} best {min(ts):.2f} s "
+        f"({min(ts) / steps / _BATCH.value:.3f} s/step), all {['%.2f' % t for t in ts]}")
+  ratios = [b / a for a, b in zip(times["slices (drig)"], times["reduce_window"])]
+  log(f"[maxpool {size}px] reduce_window / slices time per alternating round: "
+      f"{['%.2f' % r for r in ratios]}")
 
 
 def part_batching(drig, captum):
@@ -486,12 +542,15 @@ def part_convergence(drig, captum):
 
 
 PARTS = {"pixel": part_pixel, "analysis": part_analysis, "memory": part_memory,
-         "flops": part_flops, "xla_flags": part_xla_flags, "batching": part_batching,
+         "flops": part_flops, "maxpool": part_maxpool, "xla_flags": part_xla_flags,
+         "batching": part_batching,
          "convergence": part_convergence}
 
 
 def main(argv):
   del argv
+  if _XLA_FLAGS.value:  # before JAX starts; children inherit the environment
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _XLA_FLAGS.value).strip()
   if _CHILD.value:
     child = {"memory": _child_memory, "pixel": _child_pixel}[_CHILD.value]
     print(json.dumps(child(json.loads(_CHILD_ARGS.value))), flush=True)

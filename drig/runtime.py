@@ -14,14 +14,38 @@ from absl import logging
 DEFAULT_CPU_XLA_FLAGS = ()
 
 
-def _multihost_requested(mode: str) -> bool:
+def _explicit_coordinator(env) -> dict:
+  """jax.distributed.initialize arguments named by DRIG_* or JAX_* variables, if any."""
+  for prefix in ("DRIG_", "JAX_"):
+    address = env.get(prefix + "COORDINATOR_ADDRESS")
+    if address:
+      kwargs = {"coordinator_address": address}
+      for name in ("num_processes", "process_id"):
+        value = env.get(prefix + name.upper())
+        # Absent: JAX takes it from the cluster's environment (Slurm, TPU), or says it is missing.
+        if value is not None:
+          kwargs[name] = int(value)
+      return kwargs
+  return {}
+
+
+def multihost_requested(mode: str = "auto", env=None) -> bool:
+  """Whether ``setup_process(mode)`` calls ``jax.distributed.initialize()``.
+
+  Args:
+    mode: ``yes``, ``no`` or ``auto``: several Slurm tasks (``srun``), an
+      explicit coordinator (``DRIG_COORDINATOR_ADDRESS`` or
+      ``JAX_COORDINATOR_ADDRESS``) or a TPU pod slice listing several workers
+      in ``TPU_WORKER_HOSTNAMES``.
+    env: the environment to read; default ``os.environ``.
+  """
   if mode in ("yes", "true", "1"):
     return True
   if mode in ("no", "false", "0"):
     return False
   if mode != "auto":
     raise ValueError(f"--distributed must be auto, yes or no; got {mode!r}")
-  env = os.environ
+  env = os.environ if env is None else env
   if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
     return True
   if env.get("JAX_COORDINATOR_ADDRESS") or env.get("DRIG_COORDINATOR_ADDRESS"):
@@ -48,8 +72,10 @@ def setup_process(distributed: str = "auto") -> None:
 
   Must run before the first JAX computation. ``distributed``: ``auto`` detects
   Slurm (``srun`` with several tasks), TPU pod slices and an explicit
-  ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``);
-  ``yes`` always calls ``jax.distributed.initialize()``; ``no`` never does.
+  coordinator (``DRIG_COORDINATOR_ADDRESS`` or ``JAX_COORDINATOR_ADDRESS``, with
+  ``*_NUM_PROCESSES`` and ``*_PROCESS_ID`` of the same prefix), see
+  ``multihost_requested``; ``yes`` always calls ``jax.distributed.initialize()``;
+  ``no`` never does.
   """
   import logging as python_logging  # pylint: disable=g-import-not-at-top
   logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -59,14 +85,9 @@ def setup_process(distributed: str = "auto") -> None:
   if extra:
     os.environ["XLA_FLAGS"] = " ".join([flags] + extra).strip()
   import jax  # pylint: disable=g-import-not-at-top
-  if _multihost_requested(distributed):
-    kwargs = {}
-    address = os.environ.get("DRIG_COORDINATOR_ADDRESS")
-    if address:
-      kwargs = dict(coordinator_address=address,
-                    num_processes=int(os.environ["DRIG_NUM_PROCESSES"]),
-                    process_id=int(os.environ["DRIG_PROCESS_ID"]))
-    jax.distributed.initialize(**kwargs)
+  if multihost_requested(distributed):
+    # Without an explicit coordinator, JAX reads Slurm's or the TPU slice's environment.
+    jax.distributed.initialize(**_explicit_coordinator(os.environ))
   logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].device_kind)

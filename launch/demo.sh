@@ -10,7 +10,13 @@ export TF_CPP_MIN_LOG_LEVEL=2
 WORKDIR="${DRIG_WORKDIR:-workdirs}"
 python -m drig.prepare_data --config=configs/data.py:runlocal --workdir="$WORKDIR/data"
 python -m drig.train --config=configs/base.py:runlocal --workdir="$WORKDIR/runlocal"
+python -m drig.analyze --config=configs/analyze.py:runlocal --workdir="$WORKDIR/analysis" \
+  --config.checkpoint="$WORKDIR/runlocal"
 echo
 echo "Data previews:   $WORKDIR/data"
 echo "Training run:    $WORKDIR/runlocal (metrics.jsonl, tensorboard/, checkpoints/)"
 echo "Final metrics:   $WORKDIR/runlocal/final_metrics.json"
+echo "Analysis report: $WORKDIR/analysis/report.html ($WORKDIR/analysis/report.md)"
+echo "Analysis metrics: $WORKDIR/analysis/metrics.json"
+echo "Figures:"
+ls -1 "$WORKDIR"/analysis/figures/*.png

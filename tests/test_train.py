@@ -291,3 +291,19 @@ def test_freeze_base_steps_trains_only_the_head_at_first():
   assert not np.allclose(first.params["logits"]["kernel"], state.params["logits"]["kernel"])
   # Step 1 is past the freeze: the base moves too.
   assert not np.allclose(second.params["base"]["kernel"], first.params["base"]["kernel"])
+
+
+def test_checkpoint_manager_keeps_the_best_kappa_beside_the_latest(tmp_path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  kappas = {1: 0.2, 2: 0.9, 3: None, 4: 0.5, 5: 0.4, 6: None}
+  with trainer.make_checkpoint_manager(str(tmp_path / "ckpt"), keep=2) as manager:
+    for step, kappa in kappas.items():
+      manager.save(step, args=ocp.args.StandardSave({"w": np.full(3, step, np.float32)}),
+                   metrics=None if kappa is None else {"quadratic_kappa": kappa})
+    manager.wait_until_finished()
+    assert manager.best_step() == 2
+    assert sorted(manager.all_steps()) == [2, 5, 6]
+  # The metrics are on disk: a new manager (a resumed run, the analysis) finds the best.
+  with trainer.make_checkpoint_manager(str(tmp_path / "ckpt"), keep=2) as manager:
+    assert manager.best_step() == 2
+    assert manager.metrics(2) == {"quadratic_kappa": 0.9}

@@ -7,7 +7,7 @@ each device integrates its own images and no step needs communication.
 
 Example::
 
-  mesh = image_mesh()                                   # all devices, axis "images"
+  mesh = image_mesh()                     # this host's devices, axis "images"
   logits_fn = jax.tree_util.Partial(model.apply, replicate(variables, mesh))
   attributions, gap = sharded_call(
       lambda x, b: integrated_gradients(probability_of_grade(logits_fn, 4), x, b),
@@ -20,52 +20,50 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
+from drig import parallel
 from drig.attribution.integrated_gradients import AttributionArgumentError
 
 AXIS = "images"
 
 
 def image_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = AXIS) -> Mesh:
-  """A 1-D mesh over `devices` (default: all) whose one axis splits the images.
+  """A 1-D mesh over `devices` whose one axis splits the images.
 
-  The axis is of type Auto: XLA propagates the images' sharding through the
-  model, so models need no sharding annotations of their own.
+  The default is this host's devices (``jax.local_devices()``; all devices on
+  one machine): in a multi-host job each host attributes its own images, so no
+  step waits for another host. The axis is of type Auto: XLA propagates the
+  images' sharding through the model, so models need no sharding annotations.
   """
-  devices = list(jax.devices() if devices is None else devices)
-  return jax.make_mesh((len(devices),), (axis_name,), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return parallel.data_mesh(jax.local_devices() if devices is None else devices, axis_name)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Splits axis 0 over the mesh's first axis; the other axes stay whole."""
-  # A PartitionSpec shorter than the rank leaves the remaining axes unsplit.
-  return NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+  return parallel.batch_sharding(mesh)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Copies every array of `tree` (e.g. model variables) to all devices of `mesh`."""
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+  return parallel.replicate(tree, mesh)
 
 
 def pad_batch(x: jax.Array, multiple: int) -> jax.Array:
   """Pads axis 0 to a multiple of `multiple` by repeating the last image."""
-  n = x.shape[0]
-  pad = -n % multiple
-  if pad == 0:
-    return x
-  return jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
+  return parallel.pad_batch(x, multiple)
 
 
 def shard_batch(x, mesh: Mesh) -> jax.Array:
-  """Places a batch [N, ...] with axis 0 split over the mesh (N divisible by its size)."""
-  x = jnp.asarray(x)
-  if x.ndim < 1 or x.shape[0] % mesh.size:
-    raise AttributionArgumentError(
-        f"a batch of shape {x.shape} cannot be split over {mesh.size} devices; "
-        f"pad it first (pad_batch) or use sharded_call")
-  return jax.device_put(x, batch_sharding(mesh))
+  """Places a batch [N, ...] with axis 0 split over the mesh (N divisible by its size).
+
+  Raises:
+    AttributionArgumentError: N does not divide by the mesh size.
+  """
+  try:
+    return parallel.shard_batch(x, mesh)
+  except parallel.BatchSizeError as error:
+    raise AttributionArgumentError(f"{error} or use sharded_call") from None
 
 
 def sharded_call(fn: Callable, x, baseline, *, mesh: Mesh) -> Any:

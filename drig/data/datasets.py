@@ -116,12 +116,13 @@ DEFAULT_DATA_DIR = os.path.join("data", "tensorflow_datasets")
 BUILDER_MODULES: dict[str, tuple[str | None, str]] = {
     "synthetic_fundus": ("drig.data.synthetic_fundus_builder", "synthetic_fundus"),
     "eyepacs": ("drig.data.eyepacs", "eyepacs"),
+    "idrid": ("drig.data.idrid", "idrid"),
 }
 
 # Data sets that ``load_builder`` may generate without any downloaded files.
 _GENERATED_LOCALLY = frozenset({"synthetic_fundus"})
 # Builders whose constructor takes ``num_workers`` (generation processes).
-_TAKES_NUM_WORKERS = frozenset({"synthetic_fundus", "eyepacs"})
+_TAKES_NUM_WORKERS = frozenset({"synthetic_fundus", "eyepacs", "idrid"})
 
 
 class DatasetNotPreparedError(RuntimeError):
@@ -287,6 +288,8 @@ class PrepareSummary:
     generated: False when the data were already there.
     seconds: wall time of generation (0 when reused).
     counts: split -> examples per grade, read back from the data.
+    ungraded: split -> examples without a grade (label -1, e.g. IDRiD's
+      segmentation images); absent when every example is graded.
     num_bytes: bytes of all files in ``path``.
     previews: paths of the preview PNGs.
   """
@@ -297,10 +300,11 @@ class PrepareSummary:
   counts: dict[str, list[int]]
   num_bytes: int
   previews: list[str]
+  ungraded: dict[str, int] = dataclasses.field(default_factory=dict)
 
   @property
   def num_examples(self) -> int:
-    return sum(sum(c) for c in self.counts.values())
+    return sum(sum(c) for c in self.counts.values()) + sum(self.ungraded.values())
 
   def format(self) -> str:
     """A human-readable multi-line report."""
@@ -311,10 +315,12 @@ class PrepareSummary:
              if self.generated else "  already prepared; reused"]
     width = max(len(s) for s in self.counts) if self.counts else 5
     lines.append(f"  {'split':<{width}}  " + "  ".join(f"grade {g}" for g in range(5))
-                 + "    total")
+                 + ("  ungraded" if self.ungraded else "") + "    total")
     for split, counts in self.counts.items():
+      ungraded = self.ungraded.get(split, 0)
       lines.append(f"  {split:<{width}}  " + "  ".join(f"{c:7d}" for c in counts)
-                   + f"  {sum(counts):7d}")
+                   + (f"  {ungraded:8d}" if self.ungraded else "")
+                   + f"  {sum(counts) + ungraded:7d}")
     per_1000 = self.num_bytes / max(self.num_examples, 1) * 1000
     lines.append(f"  on disk: {self.num_bytes / 2**20:.1f} MiB "
                  f"({per_1000 / 2**20:.1f} MiB per 1000 examples)")
@@ -448,12 +454,15 @@ def prepare_data(config, *, workdir: str | os.PathLike, data_dir: str | None = N
     seconds = time.perf_counter() - start
     generated = True
 
-  counts, grades = {}, {}
+  counts, grades, ungraded = {}, {}, {}
   for split in builder.info.splits:
     labels = builder.as_data_source(split, decoders=skip_decoding(builder))
     grades[split] = np.fromiter((labels[i]["label"] for i in range(len(labels))), np.int64,
                                 len(labels))
-    counts[split] = np.bincount(grades[split], minlength=5).tolist()
+    graded = grades[split][grades[split] >= 0]
+    counts[split] = np.bincount(graded, minlength=5).tolist()
+    if len(graded) < len(grades[split]):
+      ungraded[split] = int(len(grades[split]) - len(graded))
 
   previews = []
   if num_preview:
@@ -467,5 +476,6 @@ def prepare_data(config, *, workdir: str | os.PathLike, data_dir: str | None = N
       previews.append(path)
   return PrepareSummary(
       name=builder.info.full_name, path=os.fspath(builder.data_dir), generated=generated,
-      seconds=seconds, counts=counts, num_bytes=_directory_bytes(os.fspath(builder.data_dir)),
+      seconds=seconds, counts=counts, ungraded=ungraded,
+      num_bytes=_directory_bytes(os.fspath(builder.data_dir)),
       previews=previews)

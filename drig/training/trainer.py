@@ -30,11 +30,12 @@ from jax.experimental import multihost_utils
 import numpy as np
 import optax
 
+from drig import parallel
 from drig.training import metrics as metrics_lib
 from drig.training import metric_writer as metric_writer_lib
 from drig.training import optimizer as optimizer_lib
 
-BATCH_AXIS = "data"
+BATCH_AXIS = parallel.BATCH_AXIS
 
 
 def named_key(root_key: jax.Array, name: str, step=None) -> jax.Array:
@@ -64,41 +65,23 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def make_data_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh named ``data`` over every device of every host.
-
-  Auto axis types: the compiler propagates the batch sharding through the model
-  (explicit sharding-in-types would need every op, e.g. dropout's mask, annotated).
-  """
-  devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh((len(devices),), (BATCH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
+  """A 1-D mesh named ``data`` over every device of every host (``drig.parallel.data_mesh``)."""
+  return parallel.data_mesh(devices, BATCH_AXIS)
 
 
 def check_global_batch(global_batch: int, mesh: jax.sharding.Mesh) -> None:
-  if global_batch % mesh.size:
-    raise ValueError(
-        f"the global batch size {global_batch} does not divide by the {mesh.size} devices; "
-        f"choose a multiple of {mesh.size}")
-  if global_batch % jax.process_count():
-    raise ValueError(f"the global batch size {global_batch} does not divide by the "
-                     f"{jax.process_count()} hosts")
+  """Raises ``drig.parallel.BatchSizeError`` unless the batch splits over the devices and hosts."""
+  parallel.check_global_batch(global_batch, mesh)
 
 
 def shard_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
   """Assembles the global batch from each host's slice, sharded on axis 0."""
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXIS))
-
-  def to_global(x):
-    x = np.asarray(x)
-    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-    return jax.make_array_from_process_local_data(sharding, x, global_shape)
-
-  return jax.tree.map(to_global, local_batch)
+  return parallel.host_local_to_global(local_batch, mesh)
 
 
 def replicate(tree, mesh: jax.sharding.Mesh):
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.device_put(tree, sharding)
+  """Copies ``tree`` (the same values on every host) to every device of ``mesh``."""
+  return parallel.replicate(tree, mesh)
 
 
 # --------------------------------------------------------------------------- #
@@ -244,15 +227,22 @@ def evaluate(predict_fn: Callable, variables, eval_batches, mesh) -> dict:
 # Checkpoints.
 
 
+def _checkpoint_kappa(metrics) -> float:
+  return metrics["quadratic_kappa"]
+
+
 def make_checkpoint_manager(directory: str, keep: int):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from orbax.checkpoint import checkpoint_managers as managers  # pylint: disable=g-import-not-at-top
   policy = managers.AnyPreservationPolicy([
       managers.LatestN(n=keep),
-      managers.BestN(get_metric_fn=lambda m: m["quadratic_kappa"], n=1,
+      managers.BestN(get_metric_fn=_checkpoint_kappa, n=1,
                      keep_checkpoints_without_metrics=False),
   ])
+  # best_fn is what makes orbax write the metrics beside each checkpoint; without it
+  # BestN never sees a kappa and only LatestN keeps anything.
   options = ocp.CheckpointManagerOptions(preservation_policy=policy,
+                                         best_fn=_checkpoint_kappa, best_mode="max",
                                          enable_async_checkpointing=True,
                                          cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
@@ -320,9 +310,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   is_writer = jax.process_index() == 0
   mesh = make_data_mesh()
   check_global_batch(config.batch_size, mesh)
-  logging.info("mesh %s: %d devices on %d hosts (%d local), platform %s", dict(mesh.shape),
-               jax.device_count(), jax.process_count(), jax.local_device_count(),
-               jax.devices()[0].platform)
+  parallel.log_mesh(mesh, "training")
   os.makedirs(workdir, exist_ok=True)
   if is_writer:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:

@@ -1,0 +1,134 @@
+r"""Batch attribution of a trained grader: the poster's figures, scores and experiments.
+
+  python -m drig.analyze --config=configs/analyze.py --workdir=workdirs/analysis \
+      --config.checkpoint=workdirs/base
+  python -m drig.analyze --config=configs/analyze.py:runlocal \
+      --workdir=workdirs/analysis       # after python -m drig.train ...:runlocal
+
+Rerunning the same command resumes: finished shards are kept, the rest are
+attributed. A different config in the same --workdir is refused (the config
+is stored there as analysis_config.json). See docs/analysis.md for the outputs.
+
+Arguments (``--config=configs/analyze.py:ARG``):
+  (none)    full size: the trained model in ``config.checkpoint`` on its data
+            set's whole test split, 50 IG steps, 3 quantities. Needs an
+            accelerator for EyePACS-sized splits (see the README's sizing).
+  runlocal  the demo: ``workdirs/runlocal`` (configs/base.py:runlocal), 12 test
+            images at 128 px, 16 steps, every experiment. Measured on the 2-core
+            CPU shared with other jobs (load ~10): 12 min wall, 237 s of CPU
+            time (user), most of it compilation; not yet timed on an idle machine
+            (expected about 3-4 minutes).
+  tiny      tests: give ``checkpoint`` (or ``init``) and ``data.data_dir``; a
+            few images of the tiny synthetic data, 4 steps.
+
+The model comes from ``checkpoint`` (a drig training workdir: its config.json
+gives the model and data sections, and the checkpoint restored is
+``checkpoint_step``: "best" (highest validation kappa among the kept
+checkpoints), "latest" or a step number), or, when ``checkpoint`` is empty,
+from ``init`` (random, keras_h5, keras3, torchvision, drig) with ``model``.
+
+Images: a split of a data set (``data.name`` empty: the training run's data
+set; ``data.split``), or photographs matching ``data.files`` (a glob), which
+are preprocessed like the training data; unreadable or ungradable files are
+skipped and listed in skipped.json and the report.
+"""
+
+import ml_collections
+
+from configs import model as model_config
+
+
+def get_config(arg=None):
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.checkpoint = ""           # a drig training workdir (or "" to use init + model)
+  config.checkpoint_step = "best"  # "best", "latest" or a step number, e.g. "400"
+  config.init = ml_collections.ConfigDict()
+  config.init.source = "random"    # used only without a checkpoint
+  config.init.path = ""
+  config.model = model_config.get_model_config(None)
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = ""            # "": the training run's data set
+  config.data.builder_config = ""
+  config.data.data_dir = ""        # "": the training run's
+  config.data.manual_dir = ""
+  config.data.split = "test"
+  config.data.files = ""           # a glob of photographs; replaces the data set
+  config.data.image_size = 0       # 0: the training run's (files mode: 256 without one)
+
+  config.num_images = 0            # 0: the whole split
+  config.shard_size = 16           # images per shard file (a multiple of the local devices)
+
+  # Quantities of interest: "predicted", "grade:K" or "diff:A:B" (probabilities).
+  config.quantities = ("predicted", "grade:0", "grade:4")
+  config.steps = 50
+  config.method = "riemann_right"  # the poster's sum over k = 1..m
+  config.chunk_size = 0            # path points per image per call; 0: automatic
+  config.storage_dtype = "float16"  # maps in the shards: float16 (scaled) or float32
+
+  config.layer = "Conv2d_4a_3x3"   # the stem's last convolution, before mixed0
+  config.top_k = 10
+
+  config.figures = ml_collections.ConfigDict()
+  config.figures.num_images = 4    # Fig (a) panels, the first images
+  config.figures.percentile = 99.0
+  config.figures.pair_grades = (0, 4)  # Fig (b)
+
+  config.localization = ml_collections.ConfigDict()
+  config.localization.quantity = "predicted"  # scored when the data set has masks
+
+  config.randomisation = ml_collections.ConfigDict()
+  config.randomisation.num_images = 2
+  config.randomisation.scope = "all"  # "all" or "head"
+
+  config.counterfactuals = ml_collections.ConfigDict()
+  config.counterfactuals.max_images = 4  # of true grade 1 predicted 0
+  config.counterfactuals.target_grade = 1
+  # Too few among the analysed images: look for more among the split's first
+  # search_images (a forward pass each; 0: only the analysed images).
+  config.counterfactuals.search_images = 0
+  # budget "l2": each c is the change's L2 norm in pixel values (both methods scaled to
+  # it, then clipped), so IG and gradient compare at equal size; "coefficient": the
+  # poster's x + c * direction (IG in pixels is ~1e-5, so c must be ~1e5 or more).
+  config.counterfactuals.budget = "l2"
+  config.counterfactuals.cs = (100.0, 300.0, 1000.0, 3000.0, 10000.0)
+
+  config.linearity = ml_collections.ConfigDict()
+  config.linearity.num_images = 2
+  # c = start * factor**k in model space (pixels / 127.5), along dP(grade)/dx.
+  config.linearity.start = 1.0
+  config.linearity.factor = 4.0
+  config.linearity.count = 8
+  config.linearity.clip = False  # True: clip to the valid range [-1, 1] (the poster's clip)
+  config.linearity.layers = ("fc1", "fc2")
+
+  if arg in (None, "", "default"):
+    pass
+  elif arg == "runlocal":
+    config.checkpoint = "workdirs/runlocal"
+    config.num_images = 12
+    config.shard_size = 4
+    config.steps = 16
+    config.figures.num_images = 2
+    config.randomisation.num_images = 1
+    config.counterfactuals.max_images = 2
+    config.counterfactuals.search_images = 300
+    config.linearity.num_images = 1
+    config.linearity.count = 6
+  elif arg == "tiny":
+    config.num_images = 6
+    config.shard_size = 2
+    config.steps = 4
+    config.top_k = 4
+    config.figures.num_images = 2
+    config.randomisation.num_images = 1
+    config.counterfactuals.max_images = 1
+    config.counterfactuals.cs = (100.0, 1000.0)
+    config.linearity.num_images = 1
+    config.linearity.count = 4
+    config.model = model_config.get_model_config("tiny")
+  else:
+    raise ValueError(f"unknown configs/analyze.py argument {arg!r}; use runlocal or tiny")
+  return config

@@ -1,0 +1,39 @@
+r"""Batch attribution of a trained DR grader: the poster's figures, scores and experiments.
+
+  python -m drig.analyze --config=configs/analyze.py:runlocal --workdir=workdirs/analysis
+  python -m drig.analyze --config=configs/analyze.py --workdir=workdirs/analysis \
+      --config.checkpoint=workdirs/base
+
+Rerunning the same command skips finished shards. See docs/analysis.md.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from drig import runtime
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Analysis config file[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for shards, figures and the report.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
+                                 "Call jax.distributed.initialize() (auto: when launched on "
+                                 "several hosts by Slurm, a TPU pod or JAX_COORDINATOR_ADDRESS).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  runtime.setup_process(_DISTRIBUTED.value)
+  from drig.analysis import job  # pylint: disable=g-import-not-at-top
+  result = job.run_analysis(_CONFIG.value, _WORKDIR.value)
+  if result.report:
+    print(f"Report:  {result.report['markdown']}\n         {result.report['html']}")
+    print(f"Metrics: {result.report['metrics']}")
+    for path in result.figures:
+      print(f"Figure:  {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,198 @@
+"""Meshes and shardings: the one home of drig's data-parallel plumbing.
+
+drig is data-parallel only: a 1-D mesh whose one axis splits the batch, every
+parameter replicated. The same code runs on one CPU, one GPU node, a TPU pod
+slice and a Slurm cluster, because JAX's multi-controller runtime makes every
+host run the same program over the global mesh (``jax.distributed.initialize``
+is called by ``drig.runtime.setup_process``, never here).
+
+Two ways to place a batch, for the two kinds of job:
+
+* Training (global mesh over every device of every host): each host reads its
+  own rows of the global batch and ``host_local_to_global`` assembles the
+  global array with ``jax.make_array_from_process_local_data``.
+* Batch attribution (``local_mesh``: this host's devices only): each host owns
+  whole shards of the data set, so no step needs another host;
+  ``shard_batch`` splits a batch held by this host over its own devices.
+
+Importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+BATCH_AXIS = "data"
+
+
+class BatchSizeError(ValueError):
+  """A batch does not divide evenly over the devices (or hosts) that share it."""
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = BATCH_AXIS) -> Mesh:
+  """A 1-D mesh over ``devices`` (default: every device of every host).
+
+  The axis is of type Auto: XLA propagates the batch sharding through the
+  model, so models need no sharding annotations of their own (explicit
+  sharding-in-types would need every op, e.g. dropout's mask, annotated).
+
+  Args:
+    devices: the devices, in mesh order; default ``jax.devices()``, which lists
+      each host's devices together, so each host's rows land on its own devices.
+    axis_name: the name of the batch axis.
+
+  Returns:
+    A ``jax.sharding.Mesh`` of shape ``{axis_name: len(devices)}``.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.make_mesh((len(devices),), (axis_name,), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def local_mesh(axis_name: str = BATCH_AXIS) -> Mesh:
+  """A 1-D mesh over this host's devices only (``jax.local_devices()``)."""
+  return data_mesh(jax.local_devices(), axis_name)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Splits axis 0 over the mesh's first axis; the other axes stay whole."""
+  # A PartitionSpec shorter than the rank leaves the remaining axes unsplit.
+  return NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  """Every device of ``mesh`` holds the whole array."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def _mesh_process_count(mesh: Mesh) -> int:
+  return len({d.process_index for d in mesh.devices.flat})
+
+
+def check_global_batch(global_batch: int, mesh: Mesh) -> None:
+  """Rejects a global batch that does not split evenly over ``mesh``.
+
+  Args:
+    global_batch: the batch size summed over all devices and hosts.
+    mesh: the data mesh the batch is split over.
+
+  Raises:
+    BatchSizeError: ``global_batch`` is not a multiple of the device count or
+      of the number of hosts in the mesh; the message names the nearest valid sizes.
+  """
+  devices = mesh.size
+  if global_batch < 1 or global_batch % devices:
+    lower = max(devices, global_batch // devices * devices)
+    raise BatchSizeError(
+        f"the global batch size {global_batch} does not divide by the {devices} devices of the "
+        f"mesh {dict(mesh.shape)}; choose a multiple of {devices} (e.g. {lower} or "
+        f"{lower + devices})")
+  hosts = _mesh_process_count(mesh)
+  if global_batch % hosts:
+    raise BatchSizeError(f"the global batch size {global_batch} does not divide by the "
+                         f"{hosts} hosts of the mesh")
+
+
+def log_mesh(mesh: Mesh, what: str = "data-parallel") -> str:
+  """Logs (and returns) the mesh shape, device count and this process's place."""
+  message = (f"{what} mesh {dict(mesh.shape)}: {mesh.size} devices "
+             f"({jax.local_device_count()} local, {mesh.devices.flat[0].platform}), "
+             f"process {jax.process_index()} of {jax.process_count()}")
+  logging.info("%s", message)
+  return message
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Copies every array of ``tree`` (e.g. model variables) to all devices of ``mesh``.
+
+  On a mesh spanning several hosts, every host must pass the same values (drig
+  derives them from the same seed or checkpoint); each host then places its
+  copy on its own devices, with no cross-host transfer.
+  """
+  sharding = replicated_sharding(mesh)
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding)
+
+  def to_global(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, sharding)  # already global: a same-devices reshard.
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(to_global, tree)
+
+
+def host_local_to_global(local_tree: Any, mesh: Mesh) -> Any:
+  """Assembles global batches from each host's rows, split over ``mesh`` on axis 0.
+
+  Every host calls this with its own rows (the same count on every host, in
+  host order: ``drig.input_pipeline.host_rows``); the global batch is their
+  concatenation over hosts.
+
+  Args:
+    local_tree: a pytree of host arrays ``[B / hosts, ...]``.
+    mesh: the global data mesh.
+
+  Returns:
+    The same pytree of global ``jax.Array`` ``[B, ...]``, sharded on axis 0.
+  """
+  sharding = batch_sharding(mesh)
+  hosts = _mesh_process_count(mesh)
+
+  def to_global(x):
+    x = np.asarray(x)
+    global_shape = (x.shape[0] * hosts,) + x.shape[1:]
+    check_global_batch(global_shape[0], mesh)
+    return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+  return jax.tree.map(to_global, local_tree)
+
+
+def pad_batch(x: jax.Array, multiple: int) -> jax.Array:
+  """Pads axis 0 to a multiple of ``multiple`` by repeating the last row."""
+  n = x.shape[0]
+  pad = -n % multiple
+  if pad == 0:
+    return x
+  return jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
+
+
+def shard_batch(x, mesh: Mesh) -> jax.Array:
+  """Places a whole batch held by this host, ``[N, ...]``, with axis 0 split over ``mesh``.
+
+  For a mesh of this host's devices (``local_mesh``). On a multi-host mesh use
+  ``host_local_to_global``.
+
+  Raises:
+    BatchSizeError: N does not divide by the mesh size.
+  """
+  x = jnp.asarray(x)
+  if x.ndim < 1 or x.shape[0] % mesh.size:
+    raise BatchSizeError(
+        f"a batch of shape {x.shape} cannot be split over {mesh.size} devices; "
+        f"pad it first (pad_batch) to a multiple of {mesh.size}")
+  return jax.device_put(x, batch_sharding(mesh))
+
+
+def to_host(tree: Any) -> Any:
+  """Copies a pytree of (possibly multi-host) arrays to numpy on every host.
+
+  Replicated arrays are read from a local copy; arrays split across hosts are
+  gathered (a collective: every host must call this).
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def fetch(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(x)
+    if x.sharding.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(fetch, tree)

@@ -1,0 +1,227 @@
+"""The batch analysis job (drig.analysis.job) and binary on tiny synthetic data, tiny model."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs import analyze as analyze_config
+from configs import base as base_config
+from drig.analysis import job
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """Tiny data set and a fake training workdir (config.json + one random-init checkpoint)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from drig.data import datasets  # pylint: disable=g-import-not-at-top
+  from drig.models import importer  # pylint: disable=g-import-not-at-top
+  from drig.training import trainer  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("analyze")
+  data_dir = str(root / "tfds")
+  train_config = base_config.get_config("tiny")
+  train_config.data.data_dir = data_dir
+  datasets.load_builder_from_config(train_config.data)
+  train_dir = root / "train"
+  os.makedirs(train_dir / "checkpoints")
+  (train_dir / "config.json").write_text(train_config.to_json_best_effort(indent=2))
+  model = trainer.build_model(train_config.model)
+  variables, _ = trainer.initial_variables(train_config, model, jax.random.key(0))
+  importer.save_variables(str(train_dir / "checkpoints" / "3" / "default"), variables)
+  return {"root": root, "data_dir": data_dir, "train_dir": str(train_dir)}
+
+
+def _config(setup, **overrides):
+  config = analyze_config.get_config("tiny")
+  config.checkpoint = setup["train_dir"]
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  config.lock()
+  return config
+
+
+def _shard_arrays(workdir):
+  return [dict(np.load(p)) for p in sorted(glob.glob(os.path.join(workdir, "shards", "*.npz")))]
+
+
+def _assert_shards_equal(a, b):
+  assert len(a) == len(b) and a
+  for x, y in zip(a, b):
+    assert sorted(x) == sorted(y)
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def _assert_not_uniform(path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  pixels = np.asarray(Image.open(path).convert("RGB"), np.float32)
+  assert pixels.shape[0] > 100 and pixels.shape[1] > 100, path
+  assert pixels.std() > 5, f"{path} looks blank"
+  assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20, f"{path} has too few colours"
+
+
+@pytest.fixture(scope="module")
+def finished(setup):
+  """One uninterrupted run of the tiny config."""
+  workdir = str(setup["root"] / "uninterrupted")
+  result = job.run_analysis(_config(setup), workdir)
+  return workdir, result
+
+
+def test_shards_have_the_documented_keys_and_shapes(finished):
+  workdir, result = finished
+  shards = _shard_arrays(workdir)
+  assert len(shards) == 3 and len(result.shards_written) == 3  # 6 images, shards of 2
+  n = [len(s["index"]) for s in shards]
+  assert n == [2, 2, 2]
+  np.testing.assert_array_equal(np.concatenate([s["index"] for s in shards]), np.arange(6))
+  s = shards[0]
+  channels = s["layer_channels.predicted"].shape[1]
+  for q in ("predicted", "grade_0", "grade_4"):
+    assert s[f"pixel_ig.{q}"].shape == (2, 80, 80, 3) and s[f"pixel_ig.{q}"].dtype == np.float16
+    assert s[f"pixel_ig.{q}.scale"].shape == (2,)
+    assert s[f"gradient.{q}"].shape == (2, 80, 80, 3)
+    assert s[f"positive_resultant.{q}"].shape == (2, 80, 80)
+    assert s[f"negative_resultant.{q}"].shape == (2, 80, 80)
+    assert s[f"top_positive.{q}"].shape == (2, 4) and s[f"top_negative.{q}"].shape == (2, 4)
+    assert s[f"layer_channels.{q}"].shape == (2, channels)
+    assert s[f"region_gaps.{q}"].shape == (2, 2)
+    # The stored top channels are the extreme layer attributions.
+    order = np.argsort(-s[f"layer_channels.{q}"], axis=1, kind="stable")[:, :4]
+    np.testing.assert_array_equal(np.sort(s[f"top_positive.{q}"], 1), np.sort(order, 1))
+  probabilities = s["probabilities"]
+  np.testing.assert_allclose(probabilities.sum(1), 1, rtol=1e-5)
+  np.testing.assert_array_equal(s["prediction"], probabilities.argmax(1))
+  # The predicted quantity is each image's own grade: equal to grade:K where K is predicted.
+  for i, grade in enumerate(s["prediction"]):
+    if grade in (0, 4):
+      np.testing.assert_allclose(job.decode_map(s, "pixel_ig.predicted")[i],
+                                 job.decode_map(s, f"pixel_ig.grade_{grade}")[i],
+                                 rtol=1e-3, atol=1e-3 * np.abs(s["pixel_ig.predicted.scale"][i]))
+  assert s["localization.predicted"].shape == (2, 4, len(s["localization_lesions"]), 3)
+  assert list(s["localization_methods"]) == ["pixel_ig", "active_regions", "gradient", "random"]
+
+
+def test_report_figures_and_metrics(finished):
+  workdir, result = finished
+  assert result.num_images == 6 and not result.skipped
+  assert os.path.exists(result.report["markdown"]) and os.path.exists(result.report["html"])
+  metrics = json.loads(open(result.report["metrics"], encoding="utf-8").read())
+  assert metrics["num_images"] == 6
+  assert "localization" in metrics and "pixel_ig" in metrics["localization"]
+  assert len(metrics["randomisation_rank_correlation"]) == 1
+  assert "linearity" in metrics
+  names = {os.path.basename(p) for p in result.figures}
+  assert {"fig_a_000.png", "fig_a_001.png", "fig_b.png", "linearity_fc1.png"} <= names
+  for path in result.figures:
+    _assert_not_uniform(path)
+  markdown = open(result.report["markdown"], encoding="utf-8").read()
+  for path in result.figures:
+    assert os.path.relpath(path, workdir) in markdown
+
+
+def test_rerun_skips_everything_and_changed_config_errors(setup, finished):
+  workdir, first = finished
+  outputs = first.shards + first.figures + list(first.report.values())
+  before = {p: os.stat(p).st_mtime_ns for p in outputs}
+  again = job.run_analysis(_config(setup), workdir)
+  assert again.shards_written == []
+  assert {p: os.stat(p).st_mtime_ns for p in outputs} == before
+  assert again.figures == first.figures and again.num_images == 6
+  with pytest.raises(job.ConfigMismatchError, match=r"steps: 4 -> 5"):
+    job.run_analysis(_config(setup, steps=5), workdir)
+
+
+def test_missing_checkpoint_is_named(setup, tmp_path):
+  with pytest.raises(job.AnalysisError, match="nowhere.*config.json"):
+    job.run_analysis(_config(setup, checkpoint=str(tmp_path / "nowhere")), str(tmp_path / "w"))
+  with pytest.raises(job.AnalysisError, match="unknown quantity"):
+    job.run_analysis(_config(setup, quantities=("grade:7",)), str(tmp_path / "w2"))
+
+
+def test_corrupt_photograph_is_skipped_and_reported(setup, tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from drig.data import datasets  # pylint: disable=g-import-not-at-top
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  builder = datasets.load_builder_from_config(_data_config(setup), prepare=False)
+  source = builder.as_data_source("test")
+  for i in range(2):
+    Image.fromarray(np.asarray(source[i]["photo"])).save(photos / f"eye_{i}.png")
+  (photos / "eye_9.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+  config = _config(setup, **{"data.files": str(photos / "*"), "data.image_size": 80,
+                             "figures.num_images": 1, "randomisation.num_images": 0,
+                             "linearity.num_images": 0})
+  result = job.run_analysis(config, str(tmp_path / "files"))
+  assert result.num_images == 2
+  assert [s["name"] for s in result.skipped] == ["eye_9.jpg"]
+  assert result.skipped[0]["reason"]
+  skipped = json.loads((tmp_path / "files" / "skipped.json").read_text())
+  assert skipped == result.skipped
+  assert "eye_9.jpg" in (tmp_path / "files" / "report.md").read_text()
+
+
+def _data_config(setup):
+  config = base_config.get_config("tiny")
+  config.data.data_dir = setup["data_dir"]
+  return config.data
+
+
+def _command(setup, workdir):
+  # The same shards as the `finished` fixture; host 0's experiments off (they do not
+  # change the shards, and each costs compilations).
+  return [sys.executable, "-m", "drig.analyze", "--config=configs/analyze.py:tiny",
+          f"--workdir={workdir}", f"--config.checkpoint={setup['train_dir']}",
+          "--config.randomisation.num_images=0", "--config.linearity.num_images=0",
+          "--config.counterfactuals.max_images=0"]
+
+
+def _env(setup):
+  env = dict(os.environ)
+  env["JAX_COMPILATION_CACHE_DIR"] = str(setup["root"] / "jax_cache")
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  return env
+
+
+def test_binary_resumes_after_sigkill_with_equal_outputs(setup, finished, tmp_path):
+  killed = tmp_path / "killed"
+  process = subprocess.Popen(_command(setup, killed), cwd=ROOT, env=_env(setup),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  first_shard = killed / "shards" / "shard-00000.npz"
+  deadline = time.time() + 300
+  while not first_shard.exists() and process.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  if not first_shard.exists():
+    process.kill()
+    pytest.fail("no shard written: " + process.stderr.read().decode()[-3000:])
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL
+  assert not (killed / "shards" / "shard-00002.npz").exists()  # killed mid-job
+  assert not (killed / "report.md").exists()
+  resumed = subprocess.run(_command(setup, killed), cwd=ROOT, env=_env(setup),
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Report:" in resumed.stdout and "Figure:" in resumed.stdout
+  assert "0 to do" not in resumed.stderr and "owns 3, " in resumed.stderr
+  workdir, _ = finished
+  _assert_shards_equal(_shard_arrays(killed), _shard_arrays(workdir))
+  assert json.loads((killed / "skipped.json").read_text()) == []
+  # A typo in an override is an error (the config is locked).
+  typo = subprocess.run(_command(setup, tmp_path / "typo") + ["--config.stpes=3"], cwd=ROOT,
+                        env=_env(setup), capture_output=True, text=True, timeout=300)
+  assert typo.returncode != 0 and "stpes" in typo.stderr
