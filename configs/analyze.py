@@ -14,10 +14,8 @@ Arguments (``--config=configs/analyze.py:ARG``):
             set's whole test split, 50 IG steps, 3 quantities. Needs an
             accelerator for EyePACS-sized splits (see the README's sizing).
   runlocal  the demo: ``workdirs/runlocal`` (configs/base.py:runlocal), 12 test
-            images at 128 px, 16 steps, every experiment. Measured on the 2-core
-            CPU shared with other jobs (load ~10): 12 min wall, 237 s of CPU
-            time (user), most of it compilation; not yet timed on an idle machine
-            (expected about 3-4 minutes).
+            images at 128 px, 16 steps, every experiment: 2 min 14 s on an idle
+            2-core CPU (2026-11-28), about a minute of it compilation.
   tiny      tests: give ``checkpoint`` (or ``init``) and ``data.data_dir``; a
             few images of the tiny synthetic data, 4 steps.
 
