@@ -260,3 +260,34 @@ def test_models_from_configs():
     classifier.build_classifier(config)
   with pytest.raises(ValueError, match="unknown configs/model.py argument"):
     configs.get_model_config("huge")
+
+
+@pytest.mark.parametrize("kernel,strides,padding,size", [
+    ((1, 1), 1, "VALID", 9), ((1, 1), 1, "SAME", 8), ((3, 3), 1, "VALID", 11),
+    ((3, 3), 1, "VALID", 10), ((3, 3), 2, "VALID", 11), ((3, 3), 2, "VALID", 12),
+    ((3, 3), 1, "SAME", 9), ((1, 7), 1, "SAME", 9), ((7, 1), 1, "SAME", 10),
+    ((5, 5), 1, "SAME", 9), ((3, 3), 2, "SAME", 11)])
+def test_conv_equals_flax_conv(kernel, strides, padding, size):
+  """drig's Conv (fast paths for 1x1 and VALID) == nn.Conv: parameters, values, input gradients."""
+  ours = inception_v3.Conv(6, kernel, strides=strides, padding=padding)
+  theirs = __import__("flax").linen.Conv(6, kernel, strides=strides, padding=padding,
+                                         use_bias=False)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, size, size + 1, 5)), jnp.float32)
+  params = ours.init(jax.random.key(0), x)
+  reference_params = theirs.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, reference_params)
+  y, y_ref = ours.apply(params, x), theirs.apply(params, x)
+  assert y.shape == y_ref.shape
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  cotangent = jnp.asarray(np.random.default_rng(2).normal(size=y.shape), jnp.float32)
+  grad = jax.grad(lambda z: jnp.sum(ours.apply(params, z) * cotangent))(x)
+  grad_ref = jax.grad(lambda z: jnp.sum(theirs.apply(params, z) * cotangent))(x)
+  np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_computes_in_the_requested_dtype():
+  conv = inception_v3.Conv(4, (1, 1), dtype=jnp.bfloat16)
+  x = jnp.ones((1, 3, 3, 2), jnp.float32)
+  params = conv.init(jax.random.key(0), x)
+  assert params["params"]["kernel"].dtype == jnp.float32
+  assert conv.apply(params, x).dtype == jnp.bfloat16

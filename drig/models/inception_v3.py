@@ -141,6 +141,47 @@ def scaled_width(channels: int, width_multiplier: float) -> int:
   return max(1, int(round(channels * width_multiplier)))
 
 
+class Conv(nn.Module):
+  """A bias-free 2-D convolution (NHWC, HWIO kernel), parameters as ``flax.linen.Conv``'s.
+
+  Same parameter ("kernel", [kh, kw, in, out]) and result as ``nn.Conv(...,
+  use_bias=False)``, computed the way XLA:CPU runs fastest (measured on 2 cores,
+  8 images at 256 px, forward / input-gradient):
+
+  * 1x1, stride 1: a matrix product over the channel axis (the 14x14 768->192
+    convolutions: 2.5 / 3.0 ms against 4.3 / 5.2 ms as a convolution).
+  * VALID with a window > 1: XLA:CPU runs unpadded convolutions far slower than
+    padded ones of the same size (Conv2d_2a_3x3: 123 ms against 31 ms). One row
+    and column of zeros at the far edges, which no VALID output reads, moves
+    them to the fast path; the extra output row or column is cut off.
+  """
+  features: int
+  kernel_size: tuple[int, int]
+  strides: int = 1
+  padding: str = "SAME"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kh, kw = self.kernel_size
+    kernel = self.param("kernel",
+                        nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal"),
+                        (kh, kw, x.shape[-1], self.features), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    strides = (self.strides, self.strides)
+    if (kh, kw) == (1, 1) and self.strides == 1:
+      return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+    padding = self.padding
+    if padding == "VALID" and (kh, kw) != (1, 1):
+      out_h, out_w = ((n - k) // self.strides + 1 for n, k in zip(x.shape[1:3], (kh, kw)))
+      y = jax.lax.conv_general_dilated(x, kernel, strides, ((0, 1), (0, 1)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return y[:, :out_h, :out_w]
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 class ConvBN(nn.Module):
   """Convolution (no bias) + BatchNorm (epsilon 1e-3) + ReLU: one conv unit."""
   features: int
@@ -154,10 +195,8 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = nn.Conv(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
-                use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal"),
-                name="conv")(x)
+    x = Conv(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
+             dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                      epsilon=BN_EPSILON, use_scale=self.bn_scale, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="bn")(x)
