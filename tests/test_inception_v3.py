@@ -291,3 +291,4 @@ def test_conv_computes_in_the_requested_dtype():
   params = conv.init(jax.random.key(0), x)
   assert params["params"]["kernel"].dtype == jnp.float32
   assert conv.apply(params, x).dtype == jnp.bfloat16
+
