@@ -9,8 +9,10 @@ drig / Captum (A B A B) so that load from other processes hits both alike.
 Parts (--parts, comma-separated):
   pixel        pixel IG, images/s and s/step, at each --sizes.
   analysis     the poster's whole per-image analysis: pixel IG, layer IG at
-               Conv2d_4a_3x3, the top-10 positive and negative channels' active
-               regions and both resultant maps.
+               Conv2d_4a_3x3, the top-10 positive and negative neurons' active
+               regions and both resultant maps. --neurons=unit (default; the
+               poster's single neurons, which drig integrates on receptive-field
+               crops) or channel.
   memory       peak RSS for each --memory_steps, each in a fresh subprocess
                (drig chunked; Captum's internal_batch_size bounds its memory).
   flops        achieved GFLOP/s from XLA's cost analysis of one chunk, next to
@@ -64,6 +66,10 @@ _CAPTUM_NEURONS = flags.DEFINE_integer(
     "fewer are timed and scaled to 20 (said so in the output).")
 _LAYER = flags.DEFINE_string("layer", "Conv2d_4a_3x3", "The inspected layer (the stem's last).")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "Neurons of each sign in 'analysis'.")
+_NEURONS = flags.DEFINE_enum(
+    "neurons", "unit", ["unit", "channel"],
+    "What a neuron is in 'analysis': a unit (one channel at one position, the poster's "
+    "'single neuron', Captum's neuron_selector=(c, h, w)) or a whole channel.")
 _MEMORY_STEPS = flags.DEFINE_list("memory_steps", ["32", "128", "512"], "Steps for 'memory'.")
 _MEMORY_SIZE = flags.DEFINE_integer("memory_size", 256, "Input size for 'memory'.")
 _MEMORY_UNCHUNKED_MAX = flags.DEFINE_integer(
@@ -168,12 +174,12 @@ class Drig:
                                        chunk_size=chunk_size, loop=loop)
     return jax.block_until_ready(out)
 
-  def analysis(self, x, steps, k, layer, chunk_size=None):
+  def analysis(self, x, steps, k, layer, chunk_size=None, by="unit"):
     import jax  # pylint: disable=g-import-not-at-top
     to_layer, layer_logits = self.attribution.split_model(self.model, self.variables, layer)
     out = self.attribution.lesion_detection(
         to_layer, self.attribution.probability_of_grade(layer_logits, GRADE), x,
-        self.attribution.half_gray_baseline(x), k=k, steps=steps, chunk_size=chunk_size)
+        self.attribution.half_gray_baseline(x), k=k, steps=steps, chunk_size=chunk_size, by=by)
     return jax.block_until_ready(out)
 
 
@@ -200,8 +206,9 @@ class Captum:
         inputs, baselines=baselines, target=GRADE, n_steps=steps, method="riemann_right",
         internal_batch_size=internal_batch_size)
 
-  def analysis(self, x, steps, k, layer, internal_batch_size, neurons_run):
+  def analysis(self, x, steps, k, layer, internal_batch_size, neurons_run, by="unit"):
     """Returns {part: seconds}; neuron time is scaled to 2k if fewer were run."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
     inputs, baselines = self._inputs(x)
     kw = dict(baselines=baselines, n_steps=steps, method="riemann_right",
               internal_batch_size=internal_batch_size)
@@ -214,19 +221,22 @@ class Captum:
     units = self.attr.LayerIntegratedGradients(self.forward, module).attribute(
         inputs, target=GRADE, **kw)
     times["layer IG"] = time.perf_counter() - t
-    channels = units.sum(dim=(2, 3))[0]
-    order = self.torch.argsort(channels)
+    scores = units[0] if by == "unit" else units.sum(dim=(2, 3))[0]
+    order = self.torch.argsort(scores.flatten())
     chosen = list(order[-k:].tolist()) + list(order[:k].tolist())
     nig = self.attr.NeuronIntegratedGradients(self.model, module)
     regions = []
     t = time.perf_counter()
     for c in chosen[:neurons_run]:
-      regions.append(nig.attribute(inputs, neuron_selector=lambda a, c=c: a[:, c].sum((1, 2)),
-                                   **kw))
+      if by == "unit":  # Captum's selector for one unit: (channel, row, column)
+        selector = tuple(int(i) for i in np.unravel_index(c, tuple(scores.shape)))
+      else:
+        selector = lambda a, c=c: a[:, c].sum((1, 2))
+      regions.append(nig.attribute(inputs, neuron_selector=selector, **kw))
     elapsed = time.perf_counter() - t
     times["neuron IGs"] = elapsed * len(chosen) / max(1, len(regions))
     t = time.perf_counter()
-    w = channels[chosen[:len(regions)]]
+    w = scores.flatten()[chosen[:len(regions)]]
     sum(wi * r for wi, r in zip(w, regions))  # the resultant maps: weighted sums
     times["resultant maps"] = time.perf_counter() - t
     del pixels
@@ -277,22 +287,22 @@ def part_analysis(drig, captum):
     x = smooth_images(1, size)
     steps, k = _STEPS.value, _TOP_K.value
     t = time.perf_counter()
-    drig.analysis(x, steps, k, _LAYER.value, _chunk(steps))
+    drig.analysis(x, steps, k, _LAYER.value, _chunk(steps), by=_NEURONS.value)
     log(f"[analysis {size}px] drig first call (compile + run): {time.perf_counter() - t:.1f} s")
     d, c = [], []
     for _ in range(_REPEATS.value):
       _settle()
       t = time.perf_counter()
-      drig.analysis(x, steps, k, _LAYER.value, _chunk(steps))
+      drig.analysis(x, steps, k, _LAYER.value, _chunk(steps), by=_NEURONS.value)
       d.append(time.perf_counter() - t)
       _settle()
       c.append(captum.analysis(x, steps, k, _LAYER.value, _CAPTUM_BATCH.value,
-                               _CAPTUM_NEURONS.value))
+                               _CAPTUM_NEURONS.value, by=_NEURONS.value))
     best = min(c, key=lambda times: sum(times.values()))
     total = sum(best.values())
     scaled = (f" (neuron IGs: {_CAPTUM_NEURONS.value} of {2 * k} run, time scaled)"
               if _CAPTUM_NEURONS.value < 2 * k else "")
-    log(f"[analysis {size}px, {steps} steps, top-{k}] drig {min(d):.2f} s  Captum "
+    log(f"[analysis {size}px, {steps} steps, top-{k} {_NEURONS.value}s] drig {min(d):.2f} s  Captum "
         f"{total:.2f} s = " + ", ".join(f"{p} {s:.2f}" for p, s in best.items()) + scaled +
         f"  speed-up {total / min(d):.2f}x")
 

@@ -9,7 +9,8 @@ Main entry points:
   probability_of_grade / logit_of_grade / grade_difference / weighted_grades
   layer_integrated_gradients (the poster's, activation path) and
     layer_conductance (input path, Captum's LayerConductance)
-  active_regions, select_top_k, resultant_active_region, lesion_detection
+  active_regions, unit_active_regions, select_top_k, resultant_active_region,
+  lesion_detection
   sharded_call, image_mesh (several devices)
   drig.attribution.heatmap (green/red rendering)
 """
@@ -25,6 +26,7 @@ from drig.attribution.active_regions import resultant_active_region
 from drig.attribution.active_regions import select_top_k
 from drig.attribution.active_regions import TopK
 from drig.attribution.active_regions import unit_cotangents
+from drig.attribution.active_regions import unit_active_regions
 from drig.attribution.integrated_gradients import AttributionArgumentError
 from drig.attribution.integrated_gradients import HALF_GRAY_MODEL
 from drig.attribution.integrated_gradients import HALF_GRAY_PIXEL

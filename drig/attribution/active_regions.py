@@ -47,6 +47,7 @@ def _readout_chunk(chunk_size, steps: int, num_images: int, num_readouts: int) -
   budget = _PULLBACKS_PER_POINT_BUDGET * default_points_per_call()
   return max(1, min(steps, budget // (num_readouts * max(num_images, 1))))
 from drig.attribution import layer as layer_lib
+from drig.attribution import receptive_field
 
 
 class ActiveRegions(NamedTuple):
@@ -229,6 +230,68 @@ def resultant_active_region(to_layer: Callable, x, baseline, cotangents, weights
   return result.regions[:, 0], result.gap[:, 0]
 
 
+def _units_as_indices(units, layer_shape) -> np.ndarray:
+  units = np.asarray(units, np.int64)
+  if units.ndim != 3 or units.shape[-1] != len(layer_shape):
+    raise AttributionArgumentError(
+        f"units must be [N, K, {len(layer_shape)}] positions in the layer "
+        f"{tuple(layer_shape)}, got shape {units.shape}")
+  if np.any(units < 0) or np.any(units >= np.array(layer_shape)):
+    raise AttributionArgumentError(f"units outside the layer {tuple(layer_shape)}")
+  return np.ravel_multi_index(tuple(np.moveaxis(units, -1, 0)), tuple(layer_shape))
+
+
+def unit_active_regions(to_layer: Callable, x, baseline, units, *, steps: int = 50,
+                        method: str = "riemann_right", chunk_size: int | None = None,
+                        crop: bool = True) -> ActiveRegions:
+  """Active regions of single units, each integrated on its receptive field only.
+
+  Equal to `active_regions` with `unit_cotangents`, but every unit's
+  integration runs on a crop a few receptive fields wide around it, proven
+  exact first (see drig.attribution.receptive_field). For Inception-v3's
+  Conv2d_4a_3x3 at 256 px a crop is 40x40 pixels. When the layer's units see
+  most of the image, or a crop cannot be proven exact, the whole image is used.
+
+  Args:
+    to_layer: x [N, H, W, C] -> activations [N, h, w, c] (channels last).
+    x, baseline: the inputs and the baseline (broadcasting to x).
+    units: int [N, K, 3], (row, column, channel) of each unit per image; e.g.
+      np.unravel_index of `select_top_k(layer.units, k)` indices.
+    steps, method, chunk_size: as for `active_regions`.
+    crop: False forces whole-image integration (the reference).
+
+  Returns:
+    ActiveRegions: regions [N, K, H, W, C] (zero outside each crop) and gaps [N, K].
+  """
+  x = as_batch(x)
+  baseline = check_baseline(baseline, x)
+  layer_shape = cached_eval_shape(_call_operands, Operands(to_layer), x).shape[1:]
+  flat = _units_as_indices(units, layer_shape)
+  if x.ndim != 4 or len(layer_shape) != 3:
+    crop = False
+  plan = receptive_field.plan_unit_crops(to_layer, x, baseline, units) if crop else None
+  if plan is None or not plan.exact.all():
+    return active_regions(to_layer, x, baseline, unit_cotangents(layer_shape, flat),
+                          steps=steps, method=method, chunk_size=chunk_size)
+  return _regions_on_crops(to_layer, x, baseline, plan, steps=steps, method=method,
+                           chunk_size=chunk_size)
+
+
+def _regions_on_crops(to_layer, x, baseline, plan, *, steps, method, chunk_size):
+  n, k = plan.starts.shape[:2]
+  crops = receptive_field.crop_windows(x, plan.starts, plan.size)
+  full_baseline = jnp.broadcast_to(baseline, x.shape).astype(x.dtype)
+  baseline_crops = receptive_field.crop_windows(full_baseline, plan.starts, plan.size)
+  crop_layer = cached_eval_shape(_call_operands, Operands(to_layer), crops).shape[1:]
+  crop_flat = _units_as_indices(plan.units.reshape(n * k, 1, 3), crop_layer)
+  result = active_regions(to_layer, crops, baseline_crops,
+                          unit_cotangents(crop_layer, crop_flat), steps=steps, method=method,
+                          chunk_size=chunk_size)
+  regions = result.regions.reshape((n, k) + result.regions.shape[2:])
+  regions = receptive_field.paste_windows(regions, plan.starts, x.shape[1:])
+  return ActiveRegions(regions, result.gap.reshape(n, k))
+
+
 # ------------------------------------------------------------------------------
 # The poster's whole per-image analysis.
 
@@ -334,9 +397,17 @@ def lesion_detection(to_layer: Callable, from_layer: Callable, x, baseline, *, k
   else:
     top = select_top_k(layer.units, k)
     make = lambda idx: unit_cotangents(layer_shape, idx)
-  cotangents = jnp.concatenate([make(top.positive), make(top.negative)], axis=1)
   weights = jnp.concatenate([jnp.maximum(top.positive_scores, 0),
                              jnp.minimum(top.negative_scores, 0)], axis=1)
+  if by == "unit" and x.ndim == 4 and len(layer_shape) == 3:
+    units = np.stack(np.unravel_index(np.asarray(jnp.concatenate([top.positive, top.negative],
+                                                                 axis=1)), layer_shape), -1)
+    plan = receptive_field.plan_unit_crops(to_layer, x, baseline, units)
+    if plan is not None and plan.exact.all():
+      return _unit_lesion_detection(to_layer, from_layer, x, baseline, layer, top, weights,
+                                    plan, k=k, individual_regions=individual_regions,
+                                    steps=steps, method=method, chunk_size=chunk_size)
+  cotangents = jnp.concatenate([make(top.positive), make(top.negative)], axis=1)
   if not individual_regions:
     cotangents = jnp.concatenate([combine_cotangents(cotangents[:, :k], weights[:, :k]),
                                   combine_cotangents(cotangents[:, k:], weights[:, k:])], axis=1)
@@ -357,3 +428,25 @@ def lesion_detection(to_layer: Callable, from_layer: Callable, x, baseline, *, k
     positive_resultant, negative_resultant = regions[:, 0], regions[:, 1]
   return LesionAnalysis(pixels, gaps[:, 0], layer, top, positive, negative, positive_resultant,
                         negative_resultant, gaps[:, 1:])
+
+
+def _compose(to_layer, from_layer, x):
+  return from_layer(to_layer(x))
+
+
+def _unit_lesion_detection(to_layer, from_layer, x, baseline, layer, top, weights, plan, *, k,
+                           individual_regions, steps, method, chunk_size) -> LesionAnalysis:
+  """lesion_detection for units whose crops are exact: pixel IG on the whole image,
+  the 2k active regions on their crops, the resultants as weighted sums of them."""
+  quantity = jax.tree_util.Partial(_compose, to_layer, from_layer)
+  pixels, pixel_gap = integrated_gradients(quantity, x, baseline, steps=steps, method=method,
+                                           chunk_size=chunk_size)
+  regions = _regions_on_crops(to_layer, x, baseline, plan, steps=steps, method=method,
+                              chunk_size=None)
+  w = weights.reshape(weights.shape + (1,) * (regions.regions.ndim - 2))
+  positive_resultant = jnp.sum(regions.regions[:, :k] * w[:, :k], axis=1)
+  negative_resultant = jnp.sum(regions.regions[:, k:] * w[:, k:], axis=1)
+  positive = regions.regions[:, :k] if individual_regions else None
+  negative = regions.regions[:, k:] if individual_regions else None
+  return LesionAnalysis(pixels, pixel_gap, layer, top, positive, negative, positive_resultant,
+                        negative_resultant, regions.gap)

@@ -447,7 +447,9 @@ class InceptionV3(nn.Module):
     start = None if start_layer is None else self.canonical_layer(start_layer)
     stop = None if stop_layer is None else self.canonical_layer(stop_layer)
     if start is None:
-      _check_image(x)
+      # Every layer runs from 75 px up; the stem alone also runs on smaller
+      # crops (drig.attribution.receptive_field integrates units on them).
+      _check_image(x, full=stop is None)
     torchvision = self.convention == "torchvision"
     momentum = self.bn_momentum if self.bn_momentum is not None else (0.9 if torchvision else 0.99)
     unit = functools.partial(ConvBN, bn_scale=torchvision, bn_momentum=momentum,
@@ -498,10 +500,10 @@ class InceptionV3(nn.Module):
     return run_stages(stages, x, start, stop, layer_recorder(self, capture_layers))
 
 
-def _check_image(x):
+def _check_image(x, full: bool = True):
   if x.ndim != 4 or x.shape[-1] != 3:
     raise ValueError(f"InceptionV3 expects NHWC images with 3 channels, got shape {x.shape}")
-  if min(x.shape[1:3]) < MIN_INPUT_SIZE:
+  if full and min(x.shape[1:3]) < MIN_INPUT_SIZE:
     raise ValueError(f"InceptionV3 needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} "
                      f"pixels, got {x.shape[1]}x{x.shape[2]}")
 
