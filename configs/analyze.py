@@ -68,6 +68,10 @@ def get_config(arg=None):
 
   config.layer = "Conv2d_4a_3x3"   # the stem's last convolution, before mixed0
   config.top_k = 10
+  # What a neuron is: "channel" (activation summed over positions) or "unit" (one
+  # channel at one position, the poster's "single neuron"; its active region is
+  # integrated on a crop around its receptive field, much faster at the stem).
+  config.neurons = "channel"
 
   config.figures = ml_collections.ConfigDict()
   config.figures.num_images = 4    # Fig (a) panels, the first images

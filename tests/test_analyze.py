@@ -149,6 +149,8 @@ def test_missing_checkpoint_is_named(setup, tmp_path):
     job.run_analysis(_config(setup, checkpoint=str(tmp_path / "nowhere")), str(tmp_path / "w"))
   with pytest.raises(job.AnalysisError, match="unknown quantity"):
     job.run_analysis(_config(setup, quantities=("grade:7",)), str(tmp_path / "w2"))
+  with pytest.raises(ValueError, match="config.neurons must be 'channel' or 'unit'"):
+    job.run_analysis(_config(setup, neurons="neuron"), str(tmp_path / "w3"))
 
 
 def test_corrupt_photograph_is_skipped_and_reported(setup, tmp_path):
@@ -163,7 +165,7 @@ def test_corrupt_photograph_is_skipped_and_reported(setup, tmp_path):
   (photos / "eye_9.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
   config = _config(setup, **{"data.files": str(photos / "*"), "data.image_size": 80,
                              "figures.num_images": 1, "randomisation.num_images": 0,
-                             "linearity.num_images": 0})
+                             "linearity.num_images": 0, "neurons": "unit"})
   result = job.run_analysis(config, str(tmp_path / "files"))
   assert result.num_images == 2
   assert [s["name"] for s in result.skipped] == ["eye_9.jpg"]
@@ -171,6 +173,7 @@ def test_corrupt_photograph_is_skipped_and_reported(setup, tmp_path):
   skipped = json.loads((tmp_path / "files" / "skipped.json").read_text())
   assert skipped == result.skipped
   assert "eye_9.jpg" in (tmp_path / "files" / "report.md").read_text()
+  assert "top 4 units of each sign" in (tmp_path / "files" / "report.md").read_text()
 
 
 def _data_config(setup):

@@ -510,16 +510,17 @@ class ShardAttributor:
     out = {"probabilities": probabilities, "prediction": predictions}
     chunk = path_chunk(config.chunk_size, config.steps, n)
     if self.k is None:
-      channels = jax.eval_shape(self.to_layer, x).shape[-1]
-      self.k = min(config.top_k, channels)
+      layer_shape = jax.eval_shape(self.to_layer, x).shape[1:]
+      neurons = layer_shape[-1] if config.neurons == "channel" else int(np.prod(layer_shape))
+      self.k = min(config.top_k, neurons)
       if self.k < config.top_k:
-        logging.warning("layer %s has %d channels: top_k %d -> %d", config.layer, channels,
-                        config.top_k, self.k)
+        logging.warning("layer %s has %d %ss: top_k %d -> %d", config.layer, neurons,
+                        config.neurons, config.top_k, self.k)
     for spec in self.quantities:
       preds = sharding_lib.replicate(jnp.asarray(predictions), self.mesh)
       from_layer = make_quantity(spec, self.from_layer, preds)
       analysis = active_regions_lib.lesion_detection(
-          self.to_layer, from_layer, x, baseline, k=self.k, by="channel",
+          self.to_layer, from_layer, x, baseline, k=self.k, by=config.neurons,
           individual_regions=False, steps=config.steps, method=config.method, chunk_size=chunk)
       quantity = make_quantity(spec, self.logits_fn, preds)
       gradient = _gradient(quantity, x)
@@ -726,6 +727,8 @@ def run_analysis(config, workdir: str) -> AnalysisResult:
   for spec in list(config.quantities) + [config.localization.quantity]:
     parse_quantity(spec)
   ig_lib.quadrature(config.method, config.steps)  # checks method and steps
+  if config.neurons not in ("channel", "unit"):
+    raise ValueError(f"config.neurons must be 'channel' or 'unit', got {config.neurons!r}")
   is_host0 = jax.process_index() == 0
 
   loaded = load_model(config)

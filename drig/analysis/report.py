@@ -148,8 +148,8 @@ def fig_a(config, data, images, report: Report, figures: list, folder: str) -> N
   if count == 0:
     return
   report.heading("Fig (a): resultant active regions of the most positive and negative neurons")
-  report.paragraph(f"Quantity: {q.label}; layer {config.layer}, top {config.top_k} channels of "
-                   "each sign. Green: positive attribution, red: negative.")
+  report.paragraph(f"Quantity: {q.label}; layer {config.layer}, top {config.top_k} "
+                   f"{config.neurons}s of each sign. Green: positive attribution, red: negative.")
   positive = job_lib.decode_map(data, f"positive_resultant.{q.key}")
   negative = job_lib.decode_map(data, f"negative_resultant.{q.key}")
   for i in range(count):
