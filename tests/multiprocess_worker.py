@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+import helpers  # tests/helpers.py: this script's folder is on sys.path
+
 
 def _parse(argv):
   parser = argparse.ArgumentParser()
@@ -34,23 +36,7 @@ def _parse(argv):
 
 def _configure(config, data_dir, overrides):
   config.data.data_dir = data_dir
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = tuple(value) if isinstance(value, list) else value
-  config.lock()
-  return config
-
-
-def _flatten(tree, prefix=""):
-  if isinstance(tree, dict):
-    out = {}
-    for key, value in tree.items():
-      out.update(_flatten(value, f"{prefix}{key}/"))
-    return out
-  return {prefix.rstrip("/"): tree}
+  return helpers.apply_overrides(config, overrides)
 
 
 def main(argv):
@@ -87,7 +73,7 @@ def main(argv):
     config = _configure(base.get_config("tiny"), args.data_dir, overrides)
     result = trainer.train_and_evaluate(config, args.workdir)
     variables = parallel.to_host(result.state.variables())
-    arrays = {k: np.asarray(v) for k, v in _flatten(jax.tree.map(np.asarray, variables)).items()}
+    arrays = {k: np.asarray(v) for k, v in helpers.flatten(jax.tree.map(np.asarray, variables)).items()}
     np.savez(os.path.join(args.out, f"variables_{args.process_id}.npz"), **arrays)
     summary = {"step": int(result.state.step), "process_count": jax.process_count(),
                "device_count": jax.device_count(),

@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 
+import helpers  # tests/helpers.py
+
 from configs import analyze as analyze_config
 from configs import base as base_config
 from drig.analysis import job
@@ -42,14 +44,7 @@ def setup(tmp_path_factory):
 def _config(setup, **overrides):
   config = analyze_config.get_config("tiny")
   config.checkpoint = setup["train_dir"]
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  config.lock()
-  return config
+  return helpers.apply_overrides(config, overrides)
 
 
 def _shard_arrays(workdir):

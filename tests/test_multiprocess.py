@@ -20,6 +20,8 @@ import time
 import numpy as np
 import pytest
 
+import helpers  # tests/helpers.py
+
 from drig import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -220,18 +222,9 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
   # parameters. (Read in this process, without x64: float64 arrays come back as float32.)
   from drig.models import importer  # pylint: disable=g-import-not-at-top
   saved = importer.load_drig_checkpoint(str(tmp_path / "multi" / "checkpoints"), 3)
-  for path, leaf in _flat(saved["params"], "params/").items():
+  for path, leaf in helpers.flatten(saved["params"], "params/").items():
     leaf = np.asarray(leaf)
     np.testing.assert_array_equal(leaf, host0[path].astype(leaf.dtype), err_msg=path)
-
-
-def _flat(tree, prefix=""):
-  if isinstance(tree, dict):
-    out = {}
-    for key, value in tree.items():
-      out.update(_flat(value, f"{prefix}{key}/"))
-    return out
-  return {prefix.rstrip("/"): tree}
 
 
 def _shards(workdir):

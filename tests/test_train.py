@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers  # tests/helpers.py
+
 from configs import base as base_config
 from drig import input_pipeline
 from drig.training import trainer
@@ -31,14 +33,7 @@ def data_dir(tmp_path_factory):
 def _config(data_dir, **overrides):
   config = base_config.get_config("tiny")
   config.data.data_dir = data_dir
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  config.lock()
-  return config
+  return helpers.apply_overrides(config, overrides)
 
 
 def _read_checkpoint(path):
