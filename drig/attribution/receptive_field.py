@@ -149,6 +149,13 @@ def paste_windows(crops, starts, image_shape) -> jax.Array:
 
 
 @jax.jit
+def _layer_values(to_layer, images, units):
+  """[N, K] activations of units [N, K, 3] (row, column, channel), one forward per image."""
+  out = to_layer.tree(images)
+  return out[jnp.arange(out.shape[0])[:, None], units[..., 0], units[..., 1], units[..., 2]]
+
+
+@jax.jit
 def _unit_values(to_layer, images, units):
   out = to_layer.tree(images)
   return out[jnp.arange(out.shape[0]), units[:, 0], units[:, 1], units[:, 2]]
@@ -171,7 +178,8 @@ def _verify(to_layer, x, baseline, units, crop_units, starts, size) -> np.ndarra
   # 2. The crop's activation at the shifted unit equals the image's (at x and baseline).
   same = np.ones(n * k, bool)
   for ends in (x, jnp.broadcast_to(baseline, x.shape).astype(x.dtype)):
-    full = np.asarray(_unit_values(Operands(to_layer), jnp.repeat(ends, k, axis=0), flat_units))
+    full = np.asarray(_layer_values(Operands(to_layer), ends, jnp.asarray(units, jnp.int32)))
+    full = full.reshape(n * k)
     crops = crop_windows(ends, starts, size)
     cropped = np.asarray(_unit_values(Operands(to_layer), crops,
                                       jnp.asarray(crop_units.reshape(n * k, 3), jnp.int32)))
