@@ -91,3 +91,17 @@ def setup_process(distributed: str = "auto") -> None:
   logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].device_kind)
+
+
+def define_distributed_flag():
+  """The binaries' --distributed flag (absl), for `setup_process`.
+
+  Registered under the calling binary, so that its --help lists the flag.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  caller = sys._getframe(1).f_globals.get("__name__", "")  # pylint: disable=protected-access
+  return flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
+                           "Call jax.distributed.initialize() (auto: when launched on several "
+                           "hosts by Slurm, a TPU pod or JAX_COORDINATOR_ADDRESS).",
+                           module_name=sys.argv[0] if caller == "__main__" else caller)

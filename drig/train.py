@@ -14,9 +14,7 @@ from drig import runtime
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
-                                 "Call jax.distributed.initialize() (auto: when launched on "
-                                 "several hosts by Slurm, a TPU pod or JAX_COORDINATOR_ADDRESS).")
+_DISTRIBUTED = runtime.define_distributed_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
