@@ -8,6 +8,7 @@ times, alternating A B A B on the same files:
   B  TFDS's `_btgraham_processing` with target radius 128 (a 256 px retina, full
      decoding, JPEG q72 as the builder stores it) followed by decoding its output,
      i.e. what a pipeline on the `btgraham` config gets as a tensor;
+  D  A's reduced JPEG decoding alone (read_fundus): the floor under A's time;
   C  drig with working_ratio=None: full-resolution decoding and processing (the
      reference for the PSNR; timed only with --time_full_decode, it is slow because
      step 2's blur then runs on 10 Mpx).
@@ -16,12 +17,21 @@ It prints images/s of each, the A/B ratio, and the PSNR of A's output against C'
 (the error that reduced decoding introduces; the 128 outside the disc is excluded).
 Targets (issue 2): A/B >= 3, PSNR >= 35 dB.
 
+Two regimes are timed, each A B A B:
+  one stream   one call at a time in this process (OpenCV's own threads allowed);
+  throughput   ``--workers`` processes (default: one per core) each with OpenCV
+               single-threaded, as drig's EyePACS builder generates its data set; the
+               files are processed ``--rounds`` times per contender and the wall time of
+               the whole batch gives images/s. This is the rate a data-set build sees.
+
   python benchmarks/bench_preprocess.py --num_images=4 --repeats=3
   python benchmarks/bench_preprocess.py --working_ratio=1  # 1/8 decoding: faster, lower PSNR
 """
 
 import argparse
+import concurrent.futures
 import functools
+import multiprocessing
 import os
 import statistics
 import tempfile
@@ -104,6 +114,11 @@ def drig_full(path, size):
   return preprocess.preprocess_file(path, size, working_ratio=None)
 
 
+def decode_only(path, size, working_ratio=preprocess.DEFAULT_WORKING_RATIO):
+  """A's JPEG decoding alone (same reduction), the floor under A's time."""
+  return preprocess.read_fundus(path, min_retina_diameter=working_ratio * size)
+
+
 def tfds_btgraham(path, size):
   # pylint: disable-next=g-import-not-at-top
   from tensorflow_datasets.image_classification import diabetic_retinopathy_detection as dr
@@ -112,6 +127,37 @@ def tfds_btgraham(path, size):
         image_fobj=f, filepath=path, target_pixels=size // 2, crop_to_radius=True)
   decoded = cv2.imdecode(np.frombuffer(encoded.getvalue(), np.uint8), cv2.IMREAD_COLOR_RGB)
   return decoded
+
+
+def _init_worker():
+  cv2.setNumThreads(1)  # One process per core, as drig.data.eyepacs's builder.
+  cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+def _shape_of(fn, path, size):
+  return fn(path, size).shape  # Only the shape crosses the process boundary.
+
+
+def time_throughput(contenders, paths, size, workers, rounds):
+  """images/s per contender with ``workers`` processes, alternating A B A B."""
+  context = multiprocessing.get_context("spawn")
+  pools = {name: concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=context, initializer=_init_worker) for name in contenders}
+  try:
+    for name, fn in contenders.items():  # Start the workers and warm them up.
+      list(pools[name].map(_shape_of, [fn] * (2 * workers), [paths[0]] * (2 * workers),
+                           [size] * (2 * workers)))
+    rates = {name: [] for name in contenders}
+    for _ in range(rounds):
+      for name, fn in contenders.items():
+        batch = paths * max(1, (4 * workers) // len(paths))
+        start = time.perf_counter()
+        list(pools[name].map(_shape_of, [fn] * len(batch), batch, [size] * len(batch)))
+        rates[name].append(len(batch) / (time.perf_counter() - start))
+    return rates
+  finally:
+    for pool in pools.values():
+      pool.shutdown()
 
 
 def psnr(a, b, where):
@@ -134,6 +180,10 @@ def main():
   parser.add_argument("--time_full_decode", action="store_true",
                       help="also time C, drig at full resolution (slow)")
   parser.add_argument("--workdir", default=None, help="keep the JPEGs here (default: temp)")
+  parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                      help="processes of the throughput regime (0 skips it)")
+  parser.add_argument("--rounds", type=int, default=5,
+                      help="A B rounds of the throughput regime")
   args = parser.parse_args()
   # TFDS's path JPEG-encodes a float64 image; OpenCV warns about it on every call.
   cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
@@ -151,6 +201,8 @@ def main():
     contenders = {"A drig reduced decode": reduced, "B tfds btgraham": tfds_btgraham}
     if args.time_full_decode:
       contenders["C drig full resolution"] = drig_full
+    contenders["D A's decoding alone"] = functools.partial(
+        decode_only, working_ratio=args.working_ratio)
     decoded = preprocess.read_fundus(
         paths[0], min_retina_diameter=args.working_ratio * args.size)
     print(f"A decodes {os.path.basename(paths[0])} at {decoded.shape[1]}x{decoded.shape[0]} "
@@ -166,6 +218,7 @@ def main():
           start = time.perf_counter()
           fn(path, args.size)
           seconds[name].append(time.perf_counter() - start)
+    print("one stream (one call at a time):")
     for name, values in seconds.items():
       print(f"{name:24s} {1 / statistics.median(values):7.2f} images/s  (median of "
             f"{len(values)} calls; best {1 / min(values):.2f}, worst {1 / max(values):.2f})")
@@ -174,6 +227,24 @@ def main():
     print(f"speed-up A/B: {statistics.median(ratios):.2f}x (median of {len(ratios)} paired "
           f"calls; quartiles {np.percentile(ratios, 25):.2f}-{np.percentile(ratios, 75):.2f}; "
           f"target >= 3)")
+    floor = statistics.median(seconds["D A's decoding alone"])
+    print(f"A's decoding (read, reduced decode, locate) takes {1e3 * floor:.1f} ms of A's "
+          f"{1e3 * statistics.median(seconds['A drig reduced decode']):.1f} ms: even with "
+          f"no processing at all A/B would be "
+          f"{statistics.median(seconds['B tfds btgraham']) / floor:.2f}x")
+
+    if args.workers:
+      rates = time_throughput(
+          {"A drig reduced decode": reduced, "B tfds btgraham": tfds_btgraham}, paths,
+          args.size, args.workers, args.rounds)
+      print(f"throughput ({args.workers} processes, OpenCV single-threaded in each):")
+      for name, values in rates.items():
+        print(f"{name:24s} {statistics.median(values):7.2f} images/s  (median of "
+              f"{len(values)} rounds; best {max(values):.2f}, worst {min(values):.2f})")
+      ratios = [a / b for a, b in zip(rates["A drig reduced decode"],
+                                      rates["B tfds btgraham"])]
+      print(f"speed-up A/B: {statistics.median(ratios):.2f}x (median of {len(ratios)} paired "
+            f"rounds; range {min(ratios):.2f}-{max(ratios):.2f}; target >= 3)")
 
     inside = preprocess.field_of_view(args.size)
     values = []

@@ -289,6 +289,20 @@ def test_mask_leaves_exactly_128_outside_the_disc():
   assert pp.field_of_view(SIZE).sum() == pytest.approx(np.pi * (0.9 * 128) ** 2, rel=0.005)
 
 
+@pytest.mark.parametrize("shape,dtype", [
+    ((SIZE, SIZE), np.uint8), ((SIZE, SIZE, 1), np.uint8), ((SIZE, 200, 4), np.uint8),
+    ((SIZE, SIZE, 3), np.float32), ((90, SIZE, 6), np.int64)])
+def test_mask_fills_the_same_pixels_for_every_layout(shape, dtype):
+  # uint8 takes OpenCV's masked copy, other dtypes boolean indexing: same pixels.
+  image = np.random.default_rng(6).integers(0, 256, shape).astype(dtype)
+  out = pp.mask_outside_retina(image, fill=7)
+  expected = image.copy()
+  expected[~pp._disc(shape[0], shape[1], 0.9)] = 7  # pylint: disable=protected-access
+  np.testing.assert_array_equal(out, expected)
+  assert out.shape == image.shape and out.dtype == image.dtype
+  assert (out != image).any()
+
+
 def test_mask_agrees_with_tfds_away_from_the_circle():
   image = np.random.default_rng(5).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
   ours = pp.mask_outside_retina(image)
