@@ -38,7 +38,6 @@ Smoke run:
 """
 
 import functools
-import importlib
 import json
 import os
 import subprocess
@@ -168,7 +167,7 @@ class Drig:
 
   def pixel_ig(self, x, steps, chunk_size=None, loop=None, method="riemann_right"):
     import jax  # pylint: disable=g-import-not-at-top
-    ig_lib = importlib.import_module("drig.attribution.integrated_gradients")
+    from drig.attribution import integration as ig_lib  # pylint: disable=g-import-not-at-top
     b = self.attribution.half_gray_baseline(x)
     out = ig_lib._integrated_gradients(self.quantity, x, b, steps=steps, method=method,  # pylint: disable=protected-access
                                        chunk_size=chunk_size, loop=loop)
@@ -401,7 +400,7 @@ def part_flops(drig, captum):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   del captum
-  ig_lib = importlib.import_module("drig.attribution.integrated_gradients")
+  from drig.attribution import integration as ig_lib  # pylint: disable=g-import-not-at-top
   for size in map(int, _SIZES.value):
     x = jnp.asarray(smooth_images(_BATCH.value, size))
     steps = _STEPS.value

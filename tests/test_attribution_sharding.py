@@ -12,10 +12,9 @@ import textwrap
 import pytest
 
 SCRIPT = textwrap.dedent("""
-    import importlib
     import jax, jax.numpy as jnp, numpy as np
     from drig import attribution
-    ig_lib = importlib.import_module("drig.attribution.integrated_gradients")
+    from drig.attribution import integration as ig_lib
     assert jax.device_count() == 8, jax.devices()
     DN = ("NHWC", "HWIO", "NHWC")
 

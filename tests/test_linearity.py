@@ -15,7 +15,7 @@ import pytest
 import scipy.stats
 
 from drig.analysis import linearity
-from drig.attribution.integrated_gradients import half_gray_baseline
+from drig.attribution.integration import half_gray_baseline
 
 SHAPE = (4, 4, 3)
 D = int(np.prod(SHAPE))

@@ -1,7 +1,6 @@
 """Unit active regions on receptive-field crops equal whole-image integration."""
 
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +9,8 @@ import pytest
 
 from drig import attribution
 from drig.attribution import receptive_field
+from drig.attribution import regions as active_regions_lib
 from drig.models.inception_v3 import InceptionV3
-
-active_regions_lib = importlib.import_module("drig.attribution.active_regions")
 
 
 def _conv(x, w, stride, padding):

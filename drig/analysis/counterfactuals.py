@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drig import input_pipeline
-from drig.attribution.integrated_gradients import HALF_GRAY_PIXEL, integrated_gradients, Operands
+from drig.attribution.integration import HALF_GRAY_PIXEL, integrated_gradients, Operands
 from drig.attribution import quantities
 
 METHODS = ("ig", "gradient")

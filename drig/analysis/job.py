@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import importlib
 import io
 import json
 import os
@@ -34,13 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drig.attribution import integration as ig_lib
 from drig.attribution import layer as layer_lib
 from drig.attribution import quantities as quantities_lib
+from drig.attribution import regions as active_regions_lib
 from drig.attribution import sharding as sharding_lib
 
-# drig.attribution exports functions named like these two modules.
-active_regions_lib = importlib.import_module("drig.attribution.active_regions")
-ig_lib = importlib.import_module("drig.attribution.integrated_gradients")
 NUM_GRADES = quantities_lib.NUM_GRADES
 SHARD_PATTERN = "shard-{:05d}.npz"
 CONFIG_FILE = "analysis_config.json"

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drig.attribution.integrated_gradients import half_gray_baseline, Operands
+from drig.attribution.integration import half_gray_baseline, Operands
 from drig.attribution import layer as layer_lib
 from drig.attribution import quantities
 

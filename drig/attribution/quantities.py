@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drig.attribution.integrated_gradients import AttributionArgumentError
+from drig.attribution.integration import AttributionArgumentError
 
 NUM_GRADES = 5
 SPACES = ("probability", "logit")

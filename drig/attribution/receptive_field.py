@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drig.attribution.integrated_gradients import (AttributionArgumentError, Operands,
+from drig.attribution.integration import (AttributionArgumentError, Operands,
                                                     _call_operands, cached_eval_shape)
 
 _SIZE_PROBE = 64  # pixels removed per axis to measure the stride; a multiple of 2^6

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from drig import parallel
-from drig.attribution.integrated_gradients import AttributionArgumentError
+from drig.attribution.integration import AttributionArgumentError
 
 AXIS = "images"
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drig.attribution.integrated_gradients import (AttributionArgumentError, Operands,
+from drig.attribution.integration import (AttributionArgumentError, Operands,
                                                     accumulation_dtype, as_batch,
                                                     check_baseline, check_positive_int,
                                                     check_scalar_fn, integrated_gradients,
