@@ -25,21 +25,19 @@ Importing this module imports TFDS (without TensorFlow) and registers the
 builder; TensorFlow is imported only when a builder is created.
 """
 
-import concurrent.futures
 import csv
-import json
 import logging
-import multiprocessing
 import os
 import warnings
 from typing import Any, Iterator, Mapping
 
-from etils import epath
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import diabetic_retinopathy_detection as tfds_dr
 
+from drig.data import generation
+
 NAME = "eyepacs"
-BAD_IMAGE_REPORT = "bad_images.json"
+BAD_IMAGE_REPORT = generation.BAD_IMAGE_REPORT
 TEST_LABELS_FILE = "retinopathy_solution.csv"
 TEST_LABELS_URL = tfds_dr._URL_TEST_LABELS  # pylint: disable=protected-access
 KAGGLE_URL = "https://www.kaggle.com/c/diabetic-retinopathy-detection/data"
@@ -140,40 +138,19 @@ class EyepacsConfig(tfds_dr.DiabeticRetinopathyDetectionConfig):
     self.preprocess_options = options
 
 
-class Eyepacs(tfds_dr.DiabeticRetinopathyDetection):
-  """EyePACS (Kaggle 2015) with drig's preprocessing applied at generation."""
+class Eyepacs(generation.PhotographBuilder, tfds_dr.DiabeticRetinopathyDetection):
+  """EyePACS (Kaggle 2015) with drig's preprocessing applied at generation.
+
+  ``Eyepacs(num_workers=...)``: see ``generation.PhotographBuilder``.
+  """
 
   name = NAME
+  DISPLAY_NAME = "EyePACS"
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "drig preprocessing of the TFDS 3.0.0 layout."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [EyepacsConfig(size=256), EyepacsConfig(size=512)]
   DEFAULT_BUILDER_CONFIG_NAME = "drig-256"
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):
-    # TFDS's default lookup needs the importlib_resources package for modules
-    # outside tensorflow_datasets; the answer is simply this file.
-    return epath.Path(__file__)
-
-  def __init__(self, *, num_workers: int | None = None, **kwargs):
-    """Creates the builder.
-
-    Args:
-      num_workers: processes that decode and preprocess photographs during
-        generation; default ``os.cpu_count()``; 0 or 1 runs in this process.
-        Worker processes are spawned, so a script that generates must guard
-        its entry point with ``if __name__ == "__main__":``.
-      **kwargs: ``tfds.core.DatasetBuilder`` arguments (``data_dir``,
-        ``config``, ``file_format``, ...).
-    """
-    from drig.data import tf_runtime  # pylint: disable=g-import-not-at-top
-    tf_runtime.import_tensorflow()
-    self._num_workers = os.cpu_count() if num_workers is None else int(num_workers)
-    self._bad_images: dict[str, dict[str, Any]] = {}
-    self._pool = None
-    super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.size
@@ -225,56 +202,18 @@ class Eyepacs(tfds_dr.DiabeticRetinopathyDetection):
                       csv_usage: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yields ``(name, example)`` for one split, recording the images left out."""
     entries = _read_split_entries(images_dir_path, csv_path, csv_usage)
-    report = {"listed": len(entries), "written": 0, "bad": [], "warnings": []}
-    self._bad_images[split] = report
+    report = self._start_report(split, listed=len(entries))
     jobs = [(os.path.join(images_dir_path, f"{name}.jpeg"), self.builder_config.size,
              self.builder_config.preprocess_options) for name, _ in entries]
-    if self._pool is not None:
-      results = self._pool.map(_process_photograph, jobs, chunksize=8)
-    else:
-      results = map(_process_photograph, jobs)
+    results = self._map(_process_photograph, jobs, chunksize=8)
     for (name, label), (filepath, _, _), (png, problem, messages) in zip(entries, jobs, results):
       for message in messages:
         report["warnings"].append({"name": name, "file": filepath, "warning": message})
       if problem is not None:
-        report["bad"].append({"name": name, "file": filepath, "problem": problem})
-        _log.warning("EyePACS %s: leaving out %s: %s", split, filepath, problem)
+        self._leave_out(report, split, name, filepath, problem)
         continue
       report["written"] += 1
       yield name, {"name": name, "image": png, "label": label}
-
-  def _download_and_prepare(self, dl_manager, download_config=None):
-    self._bad_images = {}
-    if self._num_workers > 1:
-      # spawn, not fork: this process holds TensorFlow's threads. Scripts that
-      # generate must therefore guard their entry point (if __name__ == "__main__").
-      self._pool = concurrent.futures.ProcessPoolExecutor(
-          self._num_workers, mp_context=multiprocessing.get_context("spawn"),
-          initializer=_init_worker)
-    try:
-      super()._download_and_prepare(dl_manager, download_config)
-    finally:
-      if self._pool is not None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pool = None
-    report = {
-        "dataset": f"{self.name}/{self.builder_config.name}/{self.version}",
-        "manual_dir": os.fspath(dl_manager.manual_dir),
-        "num_bad": sum(len(r["bad"]) for r in self._bad_images.values()),
-        "splits": {k: self._bad_images[k] for k in sorted(self._bad_images)},
-    }
-    # self.data_path is the temporary directory that TFDS renames into place.
-    (self.data_path / BAD_IMAGE_REPORT).write_text(json.dumps(report, indent=1))
-    for split, r in report["splits"].items():
-      _log.info("EyePACS %s: %d of %d photographs written, %d left out as bad, %d warnings.",
-                split, r["written"], r["listed"], len(r["bad"]), len(r["warnings"]))
-    self._num_bad = report["num_bad"]
-
-  def _post_download_and_prepare_hook(self):
-    # Runs after TFDS moved the data set into place, so data_dir is final here.
-    if getattr(self, "_num_bad", 0):
-      _log.warning("EyePACS: %d photographs left out as bad; they are listed in %s.",
-                   self._num_bad, os.path.join(self.data_dir, BAD_IMAGE_REPORT))
 
 
 def _read_split_entries(images_dir_path, csv_path, csv_usage) -> list[tuple[str, int]]:
@@ -356,12 +295,6 @@ def _process_photograph(job) -> tuple[bytes | None, str | None, list[str]]:
   return png.tobytes(), None, messages
 
 
-def _init_worker():
-  import cv2  # pylint: disable=g-import-not-at-top
-  # One process per core already; OpenCV's own threads would oversubscribe.
-  cv2.setNumThreads(1)
-
-
 def builder(config: str | EyepacsConfig = "drig-256", *, data_dir: str | os.PathLike | None = None,
             num_workers: int | None = None) -> Eyepacs:
   """Returns the EyePACS builder for a config name or ``EyepacsConfig``.
@@ -399,8 +332,5 @@ def prepare(config: str | EyepacsConfig = "drig-256", *, data_dir: str | os.Path
   return b
 
 
-def read_bad_image_report(b: tfds.core.DatasetBuilder) -> dict[str, Any]:
-  """The bad-image report written beside a prepared EyePACS data set."""
-  path = os.path.join(b.data_dir, BAD_IMAGE_REPORT)
-  with open(path) as f:
-    return json.load(f)
+# The report written beside a prepared data set (see the module docstring).
+read_bad_image_report = generation.read_bad_image_report

@@ -57,25 +57,22 @@ Usage::
 Importing this module imports TFDS (not TensorFlow) and registers the builder.
 """
 
-import concurrent.futures
 import csv
 import dataclasses
-import json
 import logging
-import multiprocessing
 import os
 import re
 import warnings
 from typing import Any, Iterator, Mapping
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
 from drig.data import datasets
+from drig.data import generation
 
 NAME = "idrid"
-BAD_IMAGE_REPORT = "bad_images.json"
+BAD_IMAGE_REPORT = generation.BAD_IMAGE_REPORT
 NUM_CLASSES = 5
 NUM_MACULAR_EDEMA_GRADES = 3
 TASKS = ("segmentation", "grading")
@@ -522,11 +519,6 @@ def process_entry(job: tuple[Entry, "IdridConfig"]) -> dict[str, Any]:
   return result
 
 
-def _init_worker():
-  import cv2  # pylint: disable=g-import-not-at-top
-  cv2.setNumThreads(1)  # One process per core already.
-
-
 # ---------------------------------------------------------------------------
 # The builder.
 
@@ -594,39 +586,19 @@ def make_config(task: str = "segmentation", size: int = 256, *, photo_size: int 
 BUILDER_CONFIGS = tuple(make_config(task, size) for size in (256, 512) for task in TASKS)
 
 
-class Idrid(tfds.core.GeneratorBasedBuilder):
-  """IDRiD segmentation and grading parts, preprocessed by drig at generation."""
+class Idrid(generation.PhotographBuilder):
+  """IDRiD segmentation and grading parts, preprocessed by drig at generation.
+
+  ``Idrid(num_workers=...)``: see ``generation.PhotographBuilder``.
+  """
 
   name = NAME
+  DISPLAY_NAME = "IDRiD"
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release: segmentation and grading parts."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = list(BUILDER_CONFIGS)
   DEFAULT_CONFIG_NAME = "segmentation-256"
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):
-    # TFDS's default lookup needs importlib_resources for modules outside
-    # tensorflow_datasets; the answer is simply this file.
-    return epath.Path(__file__)
-
-  def __init__(self, *, num_workers: int | None = None, **kwargs):
-    """Creates the builder.
-
-    Args:
-      num_workers: processes that decode and preprocess photographs during
-        generation; default ``os.cpu_count()``; 0 or 1 runs in this process.
-        Workers are spawned, so a generating script must guard its entry point
-        with ``if __name__ == "__main__":``.
-      **kwargs: ``tfds.core.DatasetBuilder`` arguments.
-    """
-    from drig.data import tf_runtime  # pylint: disable=g-import-not-at-top
-    tf_runtime.import_tensorflow()
-    self._num_workers = os.cpu_count() if num_workers is None else int(num_workers)
-    self._reports: dict[str, dict[str, Any]] = {}
-    self._pool = None
-    super().__init__(**kwargs)
 
   def _create_builder_config(self, builder_config, version):
     # Any "<task>-<size>" name works, not only the predefined sizes, so that a
@@ -688,24 +660,18 @@ class Idrid(tfds.core.GeneratorBasedBuilder):
       entries, bad, unlisted = segmentation_entries(layout, split), [], []
     else:
       entries, bad, unlisted = grading_entries(layout, split)
-    report = {"listed": len(entries) + len(bad), "written": 0, "bad": list(bad),
-              "warnings": list(unlisted), "missing_masks": [], "bad_masks": [],
-              "mask_files": {name: 0 for name in IDRID_MASKS} if layout.task == "segmentation"
-                            else {}}
-    self._reports[split] = report
+    report = self._start_report(
+        split, listed=len(entries) + len(bad), bad=list(bad), warnings=list(unlisted),
+        missing_masks=[], bad_masks=[],
+        mask_files={name: 0 for name in IDRID_MASKS} if layout.task == "segmentation" else {})
     jobs = [(entry, config) for entry in entries]
-    if self._pool is not None:
-      results = self._pool.map(process_entry, jobs, chunksize=4)
-    else:
-      results = map(process_entry, jobs)
+    results = self._map(process_entry, jobs, chunksize=4)
     for entry, result in zip(entries, results):
       for message in result["warnings"]:
         report["warnings"].append({"name": entry.name, "file": entry.image_path,
                                    "warning": message})
       if result["example"] is None:
-        report["bad"].append({"name": entry.name, "file": entry.image_path,
-                              "problem": result["problem"]})
-        _log.warning("IDRiD %s: leaving out %s: %s", split, entry.image_path, result["problem"])
+        self._leave_out(report, split, entry.name, entry.image_path, result["problem"])
         continue
       mask_folders = layout.masks.get(split, {})
       for mask_name, status in result["masks"].items():
@@ -723,39 +689,13 @@ class Idrid(tfds.core.GeneratorBasedBuilder):
       report["written"] += 1
       yield entry.name, result["example"]
 
-  def _download_and_prepare(self, dl_manager, download_config=None):
-    self._reports = {}
-    if self._num_workers > 1:
-      # spawn, not fork: this process holds TensorFlow's threads.
-      self._pool = concurrent.futures.ProcessPoolExecutor(
-          self._num_workers, mp_context=multiprocessing.get_context("spawn"),
-          initializer=_init_worker)
-    try:
-      super()._download_and_prepare(dl_manager, download_config)
-    finally:
-      if self._pool is not None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pool = None
-    report = {
-        "dataset": f"{self.name}/{self.builder_config.name}/{self.version}",
-        "manual_dir": os.fspath(dl_manager.manual_dir),
-        "num_bad": sum(len(r["bad"]) for r in self._reports.values()),
-        "annotated_types": sorted(IDRID_MASKS) if self.builder_config.task == "segmentation"
-                           else [],
-        "splits": {k: self._reports[k] for k in sorted(self._reports)},
-    }
-    # self.data_path is the temporary directory that TFDS renames into place.
-    (self.data_path / BAD_IMAGE_REPORT).write_text(json.dumps(report, indent=1))
-    for split, r in report["splits"].items():
-      _log.info("IDRiD %s: %d of %d photographs written, %d left out as bad, %d missing and"
-                " %d bad mask files, %d warnings.", split, r["written"], r["listed"],
-                len(r["bad"]), len(r["missing_masks"]), len(r["bad_masks"]), len(r["warnings"]))
-    self._num_bad = report["num_bad"]
+  def _report_fields(self):
+    return {"annotated_types": sorted(IDRID_MASKS) if self.builder_config.task == "segmentation"
+                               else []}
 
-  def _post_download_and_prepare_hook(self):
-    if getattr(self, "_num_bad", 0):
-      _log.warning("IDRiD: %d photographs left out as bad; they are listed in %s.",
-                   self._num_bad, os.path.join(self.data_dir, BAD_IMAGE_REPORT))
+  def _split_summary(self, report):
+    return (f"{len(report['missing_masks'])} missing and {len(report['bad_masks'])} bad mask "
+            f"files, {len(report['warnings'])} warnings")
 
 
 _CITATION = """\
@@ -807,7 +747,5 @@ def prepare(config: str | IdridConfig = "segmentation-256", *,
   return b
 
 
-def read_bad_image_report(b: tfds.core.DatasetBuilder) -> dict[str, Any]:
-  """The report written beside a prepared IDRiD data set (see the module docstring)."""
-  with open(os.path.join(b.data_dir, BAD_IMAGE_REPORT)) as f:
-    return json.load(f)
+# The report written beside a prepared data set (see the module docstring).
+read_bad_image_report = generation.read_bad_image_report

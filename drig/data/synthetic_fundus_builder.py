@@ -52,11 +52,11 @@ import multiprocessing
 import os
 from typing import Any
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
 from drig.data import datasets
+from drig.data import generation
 from drig.data import synthetic_fundus
 
 _SPLITS = ("train", "validation", "test")
@@ -157,27 +157,13 @@ def make_config(base: str = "default", **overrides: Any) -> SyntheticFundusConfi
                              description=f"{base} with {overrides}", **overrides)
 
 
-def _init_worker():
-  # One OpenCV thread per worker process: the workers already fill the cores.
-  import cv2  # pylint: disable=g-import-not-at-top
-  cv2.setNumThreads(1)
-
-
-class SyntheticFundus(tfds.core.GeneratorBasedBuilder):
+class SyntheticFundus(generation.SourceFileCodePath, tfds.core.GeneratorBasedBuilder):
   """Procedural fundus photographs, DR grades 0-4, with per-lesion masks."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
   BUILDER_CONFIGS = list(BUILDER_CONFIGS)
   DEFAULT_CONFIG_NAME = "default"
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):
-    # TFDS's default lookup needs the importlib_resources backport (declared by
-    # TFDS 4.9.10 only for Python < 3.9) for modules outside tensorflow_datasets;
-    # the answer is simply this file.
-    return epath.Path(__file__)
 
   def __init__(self, *, num_workers: int | None = None, **kwargs):
     """Args: num_workers: generation processes; None: one per CPU for splits of
@@ -231,7 +217,7 @@ class SyntheticFundus(tfds.core.GeneratorBasedBuilder):
     # forks the workers of every split's pool from there.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["drig.data.synthetic_fundus", "drig.preprocess"])
-    with context.Pool(workers, initializer=_init_worker) as pool:
+    with context.Pool(workers, initializer=generation.init_worker) as pool:
       chunk = max(1, min(16, len(tasks) // (4 * workers)))
       for index, example in enumerate(pool.imap(synthetic_fundus.make_example_task, tasks,
                                                 chunksize=chunk)):
