@@ -93,9 +93,12 @@ def test_shards_have_the_documented_keys_and_shapes(finished):
     assert s[f"top_positive.{q}"].shape == (2, 4) and s[f"top_negative.{q}"].shape == (2, 4)
     assert s[f"layer_channels.{q}"].shape == (2, channels)
     assert s[f"region_gaps.{q}"].shape == (2, 2)
-    # The stored top channels are the extreme layer attributions.
-    order = np.argsort(-s[f"layer_channels.{q}"], axis=1, kind="stable")[:, :4]
-    np.testing.assert_array_equal(np.sort(s[f"top_positive.{q}"], 1), np.sort(order, 1))
+    # Units (the default neurons): distinct flat indices, most positive (negative) first.
+    for sign, order in (("positive", -1), ("negative", 1)):
+      units, scores = s[f"top_{sign}.{q}"], s[f"top_{sign}_scores.{q}"]
+      assert (units >= 0).all() and all(len(set(row)) == 4 for row in units)
+      assert (np.diff(scores, axis=1) * order >= 0).all()
+    assert (s[f"top_positive_scores.{q}"][:, 0] >= s[f"top_negative_scores.{q}"][:, 0]).all()
   probabilities = s["probabilities"]
   np.testing.assert_allclose(probabilities.sum(1), 1, rtol=1e-5)
   np.testing.assert_array_equal(s["prediction"], probabilities.argmax(1))
@@ -160,7 +163,7 @@ def test_corrupt_photograph_is_skipped_and_reported(setup, tmp_path):
   (photos / "eye_9.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
   config = _config(setup, **{"data.files": str(photos / "*"), "data.image_size": 80,
                              "figures.num_images": 1, "randomisation.num_images": 0,
-                             "linearity.num_images": 0, "neurons": "unit"})
+                             "linearity.num_images": 0, "neurons": "channel"})
   result = job.run_analysis(config, str(tmp_path / "files"))
   assert result.num_images == 2
   assert [s["name"] for s in result.skipped] == ["eye_9.jpg"]
@@ -168,7 +171,14 @@ def test_corrupt_photograph_is_skipped_and_reported(setup, tmp_path):
   skipped = json.loads((tmp_path / "files" / "skipped.json").read_text())
   assert skipped == result.skipped
   assert "eye_9.jpg" in (tmp_path / "files" / "report.md").read_text()
-  assert "top 4 units of each sign" in (tmp_path / "files" / "report.md").read_text()
+  assert "top 4 channels of each sign" in (tmp_path / "files" / "report.md").read_text()
+  # With channels as the neurons, the stored top channels are the extreme layer attributions.
+  for shard in _shard_arrays(str(tmp_path / "files")):
+    for q in ("predicted", "grade_0", "grade_4"):
+      order = np.argsort(-shard[f"layer_channels.{q}"], axis=1, kind="stable")[:, :4]
+      np.testing.assert_array_equal(np.sort(shard[f"top_positive.{q}"], 1), np.sort(order, 1))
+      order = np.argsort(shard[f"layer_channels.{q}"], axis=1, kind="stable")[:, :4]
+      np.testing.assert_array_equal(np.sort(shard[f"top_negative.{q}"], 1), np.sort(order, 1))
 
 
 def _data_config(setup):
