@@ -160,6 +160,18 @@ def time_throughput(contenders, paths, size, workers, rounds):
       pool.shutdown()
 
 
+def print_comparison(title, samples, rates):
+  """Per contender images/s (median, best, worst) and the paired A/B speed-up."""
+  print(f"{title}:")
+  for name, values in rates.items():
+    print(f"{name:24s} {statistics.median(values):7.2f} images/s  (median of {len(values)} "
+          f"{samples}; best {max(values):.2f}, worst {min(values):.2f})")
+  ratios = [a / b for a, b in zip(rates["A drig reduced decode"], rates["B tfds btgraham"])]
+  print(f"speed-up A/B: {statistics.median(ratios):.2f}x (median of {len(ratios)} paired "
+        f"{samples}; quartiles {np.percentile(ratios, 25):.2f}-{np.percentile(ratios, 75):.2f};"
+        f" target >= 3)")
+
+
 def psnr(a, b, where):
   err = np.mean((a[where].astype(np.float64) - b[where].astype(np.float64)) ** 2)
   return float("inf") if err == 0 else 10 * np.log10(255.0 ** 2 / err)
@@ -218,15 +230,8 @@ def main():
           start = time.perf_counter()
           fn(path, args.size)
           seconds[name].append(time.perf_counter() - start)
-    print("one stream (one call at a time):")
-    for name, values in seconds.items():
-      print(f"{name:24s} {1 / statistics.median(values):7.2f} images/s  (median of "
-            f"{len(values)} calls; best {1 / min(values):.2f}, worst {1 / max(values):.2f})")
-    ratios = [b / a for a, b in zip(seconds["A drig reduced decode"],
-                                    seconds["B tfds btgraham"])]
-    print(f"speed-up A/B: {statistics.median(ratios):.2f}x (median of {len(ratios)} paired "
-          f"calls; quartiles {np.percentile(ratios, 25):.2f}-{np.percentile(ratios, 75):.2f}; "
-          f"target >= 3)")
+    print_comparison("one stream (one call at a time)", "calls",
+                     {name: [1 / v for v in values] for name, values in seconds.items()})
     floor = statistics.median(seconds["D A's decoding alone"])
     print(f"A's decoding (read, reduced decode, locate) takes {1e3 * floor:.1f} ms of A's "
           f"{1e3 * statistics.median(seconds['A drig reduced decode']):.1f} ms: even with "
@@ -237,14 +242,8 @@ def main():
       rates = time_throughput(
           {"A drig reduced decode": reduced, "B tfds btgraham": tfds_btgraham}, paths,
           args.size, args.workers, args.rounds)
-      print(f"throughput ({args.workers} processes, OpenCV single-threaded in each):")
-      for name, values in rates.items():
-        print(f"{name:24s} {statistics.median(values):7.2f} images/s  (median of "
-              f"{len(values)} rounds; best {max(values):.2f}, worst {min(values):.2f})")
-      ratios = [a / b for a, b in zip(rates["A drig reduced decode"],
-                                      rates["B tfds btgraham"])]
-      print(f"speed-up A/B: {statistics.median(ratios):.2f}x (median of {len(ratios)} paired "
-            f"rounds; range {min(ratios):.2f}-{max(ratios):.2f}; target >= 3)")
+      print_comparison(f"throughput ({args.workers} processes, OpenCV single-threaded in each)",
+                       "rounds", rates)
 
     inside = preprocess.field_of_view(args.size)
     values = []

@@ -73,8 +73,7 @@ _REQUIRED_ENTRIES = (
 )
 
 
-class ManualDownloadError(FileNotFoundError):
-  """The manual download is missing or incomplete; the message says what to get."""
+ManualDownloadError = generation.ManualDownloadError
 
 
 def check_manual_dir(manual_dir: str | os.PathLike | None) -> None:
@@ -87,14 +86,8 @@ def check_manual_dir(manual_dir: str | os.PathLike | None) -> None:
     ManualDownloadError: listing every missing entry, what it is, where to put
       it, and the full download instructions.
   """
-  if not manual_dir:
-    raise ManualDownloadError(
-        "No manual directory given for EyePACS (config.data.manual_dir or"
-        " DownloadConfig(manual_dir=...)).\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
-  manual_dir = os.fspath(manual_dir)
-  if not os.path.isdir(manual_dir):
-    raise ManualDownloadError(
-        f"EyePACS manual directory {manual_dir} does not exist.\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
+  manual_dir = generation.check_manual_dir_exists(manual_dir, "EyePACS",
+                                                  MANUAL_DOWNLOAD_INSTRUCTIONS)
   missing = []
   for entry, kind, what in _REQUIRED_ENTRIES:
     path = os.path.join(manual_dir, entry)

@@ -17,9 +17,13 @@ import sys
 from typing import Any, Callable, Iterable, Iterator
 
 from etils import epath
+import numpy as np
 import tensorflow_datasets as tfds
 
+from drig.data import datasets
+
 BAD_IMAGE_REPORT = "bad_images.json"
+NUM_GRADES = 5  # DR grades 0 (none) to 4 (proliferative)
 
 _log = logging.getLogger(__name__)
 
@@ -28,6 +32,49 @@ def init_worker():
   """Worker initializer: OpenCV single-threaded, as one process per core fills them."""
   import cv2  # pylint: disable=g-import-not-at-top
   cv2.setNumThreads(1)
+
+
+def fundus_features(size: int, photo_size: int, **extra) -> tfds.features.FeaturesDict:
+  """The features of a data set of fundus photographs with lesion masks.
+
+  ``name``, ``label`` (``extra`` may redefine it), ``image`` (the preprocessed
+  ``size`` x ``size`` network input, PNG), ``photo`` (the photograph, JPEG) and one
+  boolean ``size`` x ``size`` mask per lesion type (``datasets.MASK_NAMES``), then
+  ``extra``.
+  """
+  return tfds.features.FeaturesDict({
+      "name": tfds.features.Text(),
+      "label": tfds.features.ClassLabel(num_classes=NUM_GRADES),
+      "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
+      "photo": tfds.features.Image(shape=(photo_size, photo_size, 3), encoding_format="jpeg"),
+      "masks": tfds.features.FeaturesDict({
+          name: tfds.features.Tensor(shape=(size, size), dtype=np.bool_,
+                                     encoding=tfds.features.Encoding.ZLIB)
+          for name in datasets.MASK_NAMES}),
+      **extra,
+  })
+
+
+class ManualDownloadError(FileNotFoundError):
+  """The manual download is missing or incomplete; the message says what to get."""
+
+
+def check_manual_dir_exists(manual_dir, dataset: str, instructions: str) -> str:
+  """``manual_dir`` as a string, once it is known to be an existing directory.
+
+  Raises:
+    ManualDownloadError: no directory given, or it does not exist; the message
+      names the data set and carries the download ``instructions``.
+  """
+  if not manual_dir:
+    raise ManualDownloadError(
+        f"No manual directory given for {dataset} (config.data.manual_dir or"
+        f" DownloadConfig(manual_dir=...)).\n" + instructions)
+  manual_dir = os.fspath(manual_dir)
+  if not os.path.isdir(manual_dir):
+    raise ManualDownloadError(
+        f"{dataset} manual directory {manual_dir} does not exist.\n" + instructions)
+  return manual_dir
 
 
 def read_bad_image_report(b: tfds.core.DatasetBuilder) -> dict[str, Any]:

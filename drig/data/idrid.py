@@ -135,8 +135,7 @@ prefixes and "_" versus " ". docs/idrid.md has the details.
 """
 
 
-class ManualDownloadError(FileNotFoundError):
-  """The manual download is missing or incomplete; the message says what to get."""
+ManualDownloadError = generation.ManualDownloadError
 
 
 # ---------------------------------------------------------------------------
@@ -222,14 +221,8 @@ def check_manual_dir(manual_dir: str | os.PathLike | None, task: str = "segmenta
   """
   if task not in TASKS:
     raise ValueError(f"unknown IDRiD task {task!r}; known: {', '.join(TASKS)}")
-  if not manual_dir:
-    raise ManualDownloadError(
-        "No manual directory given for IDRiD (config.data.manual_dir or"
-        " DownloadConfig(manual_dir=...)).\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
-  manual_dir = os.fspath(manual_dir)
-  if not os.path.isdir(manual_dir):
-    raise ManualDownloadError(
-        f"IDRiD manual directory {manual_dir} does not exist.\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
+  manual_dir = generation.check_manual_dir_exists(manual_dir, "IDRiD",
+                                                  MANUAL_DOWNLOAD_INSTRUCTIONS)
   part_name = SEGMENTATION_PART if task == "segmentation" else GRADING_PART
   part = _find_part(manual_dir, part_name)
   missing = []
@@ -618,23 +611,14 @@ class Idrid(generation.PhotographBuilder):
         builder=self,
         description=("IDRiD retina photographs (Porwal et al. 2018), preprocessed by drig. "
                      + config.description),
-        features=tfds.features.FeaturesDict({
-            "name": tfds.features.Text(),
-            # DR grade 0-4; -1 where IDRiD publishes none (the segmentation part).
-            "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+        # label: DR grade 0-4, -1 where IDRiD publishes none (the segmentation part).
+        features=generation.fundus_features(
+            size, config.photo_size,
             # Risk of macular edema 0-2; -1 where unpublished.
-            "macular_edema": tfds.features.ClassLabel(num_classes=NUM_MACULAR_EDEMA_GRADES),
-            "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
-            "photo": tfds.features.Image(shape=(config.photo_size, config.photo_size, 3),
-                                         encoding_format="jpeg"),
-            "masks": tfds.features.FeaturesDict({
-                name: tfds.features.Tensor(shape=(size, size), dtype=np.bool_,
-                                           encoding=tfds.features.Encoding.ZLIB)
-                for name in datasets.MASK_NAMES}),
-            "annotated": tfds.features.FeaturesDict({
+            macular_edema=tfds.features.ClassLabel(num_classes=NUM_MACULAR_EDEMA_GRADES),
+            annotated=tfds.features.FeaturesDict({
                 name: tfds.features.Tensor(shape=(), dtype=np.bool_)
-                for name in datasets.MASK_NAMES}),
-        }),
+                for name in datasets.MASK_NAMES})),
         supervised_keys=("image", "label"),
         homepage=HOMEPAGE,
         citation=_CITATION,

@@ -176,17 +176,7 @@ class SyntheticFundus(generation.SourceFileCodePath, tfds.core.GeneratorBasedBui
     size = config.image_size
     return self.dataset_info_from_configs(
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "name": tfds.features.Text(),
-            "label": tfds.features.ClassLabel(num_classes=synthetic_fundus.NUM_GRADES),
-            "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
-            "photo": tfds.features.Image(shape=(config.photo_size, config.photo_size, 3),
-                                         encoding_format="jpeg"),
-            "masks": tfds.features.FeaturesDict({
-                name: tfds.features.Tensor(shape=(size, size), dtype=np.bool_,
-                                           encoding=tfds.features.Encoding.ZLIB)
-                for name in datasets.MASK_NAMES}),
-        }),
+        features=generation.fundus_features(size, config.photo_size),
         supervised_keys=("image", "label"),
         disable_shuffling=True,
     )
