@@ -1,11 +1,16 @@
 """What drig's TFDS builders share while generating a data set.
 
 * :func:`init_worker`: the initializer of generation worker processes.
+* :func:`fundus_features`: the features of fundus data sets with lesion masks
+  (synthetic_fundus, IDRiD).
+* :class:`ManualDownloadError`, :func:`check_manual_dir_exists`: a missing manual
+  download, said with the download instructions.
 * :class:`SourceFileCodePath`: a mixin that tells TFDS where a builder's code lives.
 * :class:`PhotographBuilder`: the base of the builders that preprocess a folder of
   real photographs (EyePACS, IDRiD): a pool of spawned worker processes for the
   duration of generation, and the bad-image report (every photograph left out, with
-  the file and the problem) written beside the data set as ``bad_images.json``.
+  the file and the problem) written beside the data set as ``bad_images.json``
+  (:func:`read_bad_image_report`).
 """
 
 import concurrent.futures
