@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 
 from drig import preprocess
+from drig.data import generation
 
 
 def render_fundus_like(rng, height=2592, width=3888, noise=2.5):
@@ -130,7 +131,7 @@ def tfds_btgraham(path, size):
 
 
 def _init_worker():
-  cv2.setNumThreads(1)  # One process per core, as drig.data.eyepacs's builder.
+  generation.init_worker()  # As drig's EyePACS builder's workers.
   cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 

@@ -155,12 +155,6 @@ def _layer_values(to_layer, images, units):
   return out[jnp.arange(out.shape[0])[:, None], units[..., 0], units[..., 1], units[..., 2]]
 
 
-@jax.jit
-def _unit_values(to_layer, images, units):
-  out = to_layer.tree(images)
-  return out[jnp.arange(out.shape[0]), units[:, 0], units[:, 1], units[:, 2]]
-
-
 def _verify(to_layer, x, baseline, units, crop_units, starts, size) -> np.ndarray:
   """Per read-out: the unit reads only its window, and the crop reproduces it."""
   n, k = units.shape[:2]
@@ -174,15 +168,16 @@ def _verify(to_layer, x, baseline, units, crop_units, starts, size) -> np.ndarra
               ((cols >= s[:, 1:, None]) & (cols < s[:, 1:, None] + size[1])))
   images = jnp.repeat(jnp.asarray(x), k, axis=0)
   poisoned = jnp.where(jnp.asarray(outside)[..., None], jnp.nan, images)
-  finite = np.isfinite(np.asarray(_unit_values(Operands(to_layer), poisoned, flat_units)))
+  finite = np.isfinite(np.asarray(
+      _layer_values(Operands(to_layer), poisoned, flat_units[:, None])))[:, 0]
   # 2. The crop's activation at the shifted unit equals the image's (at x and baseline).
   same = np.ones(n * k, bool)
   for ends in (x, jnp.broadcast_to(baseline, x.shape).astype(x.dtype)):
     full = np.asarray(_layer_values(Operands(to_layer), ends, jnp.asarray(units, jnp.int32)))
     full = full.reshape(n * k)
     crops = crop_windows(ends, starts, size)
-    cropped = np.asarray(_unit_values(Operands(to_layer), crops,
-                                      jnp.asarray(crop_units.reshape(n * k, 3), jnp.int32)))
+    cropped = np.asarray(_layer_values(
+        Operands(to_layer), crops, jnp.asarray(crop_units.reshape(n * k, 1, 3), jnp.int32)))[:, 0]
     scale = np.maximum(np.abs(full), 1e-6)
     same &= np.abs(cropped - full) <= 1e-4 * scale + 1e-5
   return (finite & same).reshape(n, k)

@@ -41,7 +41,7 @@ BAD_IMAGE_REPORT = generation.BAD_IMAGE_REPORT
 TEST_LABELS_FILE = "retinopathy_solution.csv"
 TEST_LABELS_URL = tfds_dr._URL_TEST_LABELS  # pylint: disable=protected-access
 KAGGLE_URL = "https://www.kaggle.com/c/diabetic-retinopathy-detection/data"
-NUM_CLASSES = 5
+NUM_CLASSES = generation.NUM_GRADES
 
 _log = logging.getLogger(__name__)
 

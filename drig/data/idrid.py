@@ -73,7 +73,7 @@ from drig.data import generation
 
 NAME = "idrid"
 BAD_IMAGE_REPORT = generation.BAD_IMAGE_REPORT
-NUM_CLASSES = 5
+NUM_CLASSES = generation.NUM_GRADES
 NUM_MACULAR_EDEMA_GRADES = 3
 TASKS = ("segmentation", "grading")
 HOMEPAGE = "https://ieee-dataport.org/open-access/indian-diabetic-retinopathy-image-dataset-idrid"
