@@ -34,12 +34,13 @@ Full run (the lead, on a quiet machine):
 Smoke run:
   python benchmarks/bench_attribution.py --sizes=96 --steps=4 --repeats=1 \
     --captum_neurons=1 --memory_steps=4,8 --memory_size=96 --convergence_steps=8,16 \
-    --batching_configs=python:4,python:2,scan:2,map:2
+    --batching_configs=python:4:1,python:4:2,python:2,scan:2,map:2
 """
 
 import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,10 +81,13 @@ _XLA_FLAG_SETS = flags.DEFINE_list(
      "--xla_cpu_enable_fast_min_max=true"],
     "XLA_FLAGS values to compare ('' = XLA's defaults).")
 _BATCHING = flags.DEFINE_list(
-    "batching_configs", ["python:32", "python:16", "python:8", "python:4", "scan:8", "map:8"],
-    "loop:chunk_size settings for 'batching' (chunk = steps is one big batch); loop is "
-    "python (jitted chunks dispatched from Python), scan (one lax.scan) or map (one lax.map "
-    "over the chunks, then a sum).")
+    "batching_configs", ["python:32:1", "python:16:1", "python:8:1", "python:4:1",
+                         "python:8:2", "python:8:4", "python:16:2", "python:16:4", "scan:8",
+                         "map:8"],
+    "loop:chunk_size[:groups] settings for 'batching' (chunk = steps is one big batch); "
+    "loop is python (jitted chunks dispatched from Python), scan (one lax.scan) or map (one "
+    "lax.map over the chunks, then a sum); groups (python only; default drig's): "
+    "independent groups each chunk is split into inside its compiled program.")
 _CONVERGENCE_STEPS = flags.DEFINE_list("convergence_steps",
                                        ["8", "16", "32", "64", "128", "256"],
                                        "Step counts for 'convergence' (multiples of 8 share "
@@ -165,12 +169,13 @@ class Drig:
     logits = jax.tree_util.Partial(functools.partial(_apply, self.model), self.variables)
     self.quantity = attribution.probability_of_grade(logits, GRADE)
 
-  def pixel_ig(self, x, steps, chunk_size=None, loop=None, method="riemann_right"):
+  def pixel_ig(self, x, steps, chunk_size=None, loop=None, method="riemann_right",
+               groups=None):
     import jax  # pylint: disable=g-import-not-at-top
     from drig.attribution import integration as ig_lib  # pylint: disable=g-import-not-at-top
     b = self.attribution.half_gray_baseline(x)
     out = ig_lib._integrated_gradients(self.quantity, x, b, steps=steps, method=method,  # pylint: disable=protected-access
-                                       chunk_size=chunk_size, loop=loop)
+                                       chunk_size=chunk_size, loop=loop, groups=groups)
     return jax.block_until_ready(out)
 
   def analysis(self, x, steps, k, layer, chunk_size=None, by="unit"):
@@ -409,7 +414,8 @@ def part_flops(drig, captum):
     nodes = [jnp.zeros((chunk,), jnp.float32)] * 3
     operands = ig_lib.Operands(drig.quantity)
     total = jnp.zeros(x.shape, jnp.float32)
-    compiled = ig_lib._chunk_step.lower(ig_lib._input_gradient, operands, b, x, *nodes,  # pylint: disable=protected-access
+    groups = min(ig_lib.default_groups_per_call(), chunk)
+    compiled = ig_lib._chunk_step.lower(ig_lib._input_gradient, groups, operands, b, x, *nodes,  # pylint: disable=protected-access
                                         total).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -508,21 +514,27 @@ def part_batching(drig, captum):
   size = int(_SIZES.value[0])
   x = smooth_images(_BATCH.value, size)
   steps = _STEPS.value
-  configs = [c.split(":") for c in _BATCHING.value]
-  for loop, chunk in configs:
+  configs = {}
+  for text in _BATCHING.value:
+    loop, chunk, *groups = text.split(":")
+    configs[text] = functools.partial(drig.pixel_ig, x, steps, int(chunk), loop,
+                                      groups=int(groups[0]) if groups else None)
+  for name, run in configs.items():
     t = time.perf_counter()
-    drig.pixel_ig(x, steps, int(chunk), loop)
-    log(f"[batching {size}px] {loop}:{chunk} first call (compile + run) "
+    run()
+    log(f"[batching {size}px] {name} first call (compile + run) "
         f"{time.perf_counter() - t:.1f} s")
-  times = {f"{l}:{c}": [] for l, c in configs}
-  for _ in range(_REPEATS.value):
-    for loop, chunk in configs:
+  times = {name: [] for name in configs}
+  for round_index in range(_REPEATS.value):
+    # Forward, then backward: a trend in the machine's load favours no setting.
+    for name in list(configs)[::(-1) ** round_index]:
       t = time.perf_counter()
-      drig.pixel_ig(x, steps, int(chunk), loop)
-      times[f"{loop}:{chunk}"].append(time.perf_counter() - t)
+      configs[name]()
+      times[name].append(time.perf_counter() - t)
   for name, ts in times.items():
-    log(f"[batching {size}px, {steps} steps] {name:10s} best {min(ts):.2f} s "
-        f"({min(ts) / steps / _BATCH.value:.3f} s/step), all {['%.2f' % t for t in ts]}")
+    log(f"[batching {size}px, {steps} steps] {name:12s} best {min(ts):.2f} s, median "
+        f"{statistics.median(ts):.2f} s ({min(ts) / steps / _BATCH.value:.3f} s/step), "
+        f"all {['%.2f' % t for t in ts]}")
 
 
 def part_convergence(drig, captum):

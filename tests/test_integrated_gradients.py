@@ -132,13 +132,27 @@ def cnn():
 def test_chunked_equals_unchunked_and_loops_agree(cnn, method):
   f, x = cnn
   b = attribution.half_gray_baseline(x)
-  whole, whole_gap = attribution.integrated_gradients(f, x, b, steps=10, method=method,
-                                                      chunk_size=10)
-  for chunk, loop in [(3, "python"), (4, "scan"), (1, "python"), (10, "scan")]:
+  whole, whole_gap = ig_lib._integrated_gradients(f, x, b, steps=10, method=method,
+                                                   chunk_size=10, groups=1)
+  # groups: 10 nodes in 3 groups is uneven (3, 4, 3); chunks of 3 in 2 groups (2, 1).
+  for chunk, loop, groups in [(3, "python", 1), (4, "scan", None), (1, "python", None),
+                              (10, "scan", None), (10, "python", 3), (3, "python", 2),
+                              (10, "python", None)]:
     parts, parts_gap = ig_lib._integrated_gradients(f, x, b, steps=10, method=method,
-                                                     chunk_size=chunk, loop=loop)
+                                                     chunk_size=chunk, loop=loop, groups=groups)
     np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(parts_gap, whole_gap, rtol=1e-5, atol=1e-6)
+
+
+def test_groups_split_every_chunk_into_contiguous_ranges():
+  assert ig_lib._group_bounds(8, 2) == [(0, 4), (4, 8)]
+  assert ig_lib._group_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)]
+  assert ig_lib._group_bounds(2, 4) == [(0, 1), (1, 2)]  # never an empty group
+  assert ig_lib._group_bounds(5, 1) == [(0, 5)]
+  f = lambda p: jnp.sum(p, axis=1)
+  with pytest.raises(attribution.AttributionArgumentError, match="groups must be >= 1"):
+    ig_lib._integrated_gradients(f, jnp.ones((1, 3)), 0.0, steps=4, method="riemann_right",
+                                 chunk_size=None, groups=0)
 
 
 def test_images_are_independent(cnn):

@@ -122,12 +122,10 @@ def parse_quantity(spec: str) -> QuantitySpec:
 class PerImageGrade:
   """x -> softmax(logits_fn(x))[n, grade_n]: each image's own grade (e.g. its prediction).
 
-  The attribution engine calls a quantity on three layouts of a batch of N
-  images: the images themselves ([N]), path points image-major ([N * chunk],
-  image n's rows n*chunk ... n*chunk+chunk-1) and inputs followed by their
-  baselines ([2N], for completeness). The per-image read-out follows the
-  layout from the batch size, so chunk = 2 (ambiguous with [2N]) must not be
-  used with N > 1: `path_chunk` never picks it.
+  The attribution engine calls a quantity on two layouts of a batch of N
+  images: the images themselves (or their baselines: [N]) and path points,
+  image-major ([N * c], image n's rows n*c ... n*c+c-1, for any c). The
+  per-image read-out follows from the batch size.
 
   Attributes:
     logits_fn: x -> logits [B, G].
@@ -143,14 +141,10 @@ class PerImageGrade:
     probabilities = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     batch, n = probabilities.shape[0], self.weights.shape[0]
     weights = self.weights.astype(jnp.float32)
-    if batch == n:
-      pass
-    elif batch == 2 * n:  # [inputs, baselines]
-      weights = jnp.concatenate([weights, weights])
-    elif batch % n == 0:  # image-major path points
-      weights = jnp.repeat(weights, batch // n, axis=0)
-    else:
+    if batch % n:
       raise AnalysisError(f"PerImageGrade: a batch of {batch} rows for {n} images")
+    # [N]: the images (or baselines); [N * c]: image-major path points.
+    weights = jnp.repeat(weights, batch // n, axis=0)
     return jnp.sum(probabilities * weights, axis=-1)
 
   def tree_flatten(self):
@@ -174,14 +168,10 @@ def make_quantity(spec: QuantitySpec, logits_fn: Callable, predictions) -> Calla
 
 def path_chunk(config_chunk: int, steps: int, num_images: int) -> int:
   """Path points per image per call: the config's, or about the backend's default
-  points per call (x4 for the layer pass's 3 read-outs); never 2 (see PerImageGrade)."""
+  points per call."""
   if config_chunk > 0:
-    chunk = min(config_chunk, steps)
-  else:
-    chunk = max(1, min(steps, ig_lib.default_points_per_call() // max(num_images, 1)))
-  if chunk == 2 and num_images > 1:
-    chunk = 3 if steps >= 3 else 1
-  return chunk
+    return min(config_chunk, steps)
+  return max(1, min(steps, ig_lib.default_points_per_call() // max(num_images, 1)))
 
 
 # --------------------------------------------------------------------------- #

@@ -149,10 +149,10 @@ def _conductance_difference(operands, points, deltas):
 @jax.jit
 def _conductance_gap(operands, x, baseline, units):
   to_layer, from_layer = operands.tree
-  q = from_layer(to_layer(jnp.concatenate([x, jnp.broadcast_to(baseline, x.shape)
-                                           .astype(x.dtype)]))).astype(accumulation_dtype(x))
-  n = x.shape[0]
-  return units.reshape(n, -1).sum(axis=1) - (q[:n] - q[n:])
+  acc = accumulation_dtype(x)
+  quantity = lambda images: from_layer(to_layer(images)).astype(acc)
+  change = quantity(x) - quantity(jnp.broadcast_to(baseline, x.shape).astype(x.dtype))
+  return units.reshape(x.shape[0], -1).sum(axis=1) - change
 
 
 def layer_conductance(to_layer: Callable, from_layer: Callable, x, baseline, *,

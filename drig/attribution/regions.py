@@ -341,17 +341,17 @@ def _pixels_and_readouts(operands, points, deltas):
 @jax.jit
 def _finish_analysis(operands, x, baseline, integral):
   to_layer, from_layer, cotangents = operands.tree
-  n = x.shape[0]
   baseline_full = jnp.broadcast_to(baseline, x.shape).astype(x.dtype)
   acc = accumulation_dtype(x)
   delta = x.astype(acc) - baseline_full.astype(acc)
   attributions = delta[:, None] * integral  # [N, 1 + K, ...x]
-  ends = to_layer(jnp.concatenate([x, baseline_full]))
-  q = from_layer(ends).astype(acc)
-  change = ends[:n].astype(acc) - ends[n:].astype(acc)
+  # The quantity sees [N] twice, never [2N] (see integration._finish_pixel).
+  layer_x, layer_baseline = to_layer(x), to_layer(baseline_full)
+  q_change = from_layer(layer_x).astype(acc) - from_layer(layer_baseline).astype(acc)
+  change = layer_x.astype(acc) - layer_baseline.astype(acc)
   readout = jnp.sum(cotangents * change[:, None], axis=tuple(range(2, cotangents.ndim)))
   totals = attributions.reshape(attributions.shape[:2] + (-1,)).sum(axis=-1)
-  gaps = totals - jnp.concatenate([(q[:n] - q[n:])[:, None], readout], axis=1)
+  gaps = totals - jnp.concatenate([q_change[:, None], readout], axis=1)
   return attributions, gaps
 
 
