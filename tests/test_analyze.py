@@ -233,3 +233,34 @@ def test_binary_resumes_after_sigkill_with_equal_outputs(setup, finished, tmp_pa
   typo = subprocess.run(_command(setup, tmp_path / "typo") + ["--config.stpes=3"], cwd=ROOT,
                         env=_env(setup), capture_output=True, text=True, timeout=300)
   assert typo.returncode != 0 and "stpes" in typo.stderr
+
+
+def test_per_image_grade_reads_each_images_grade_at_any_points_per_image():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from drig import attribution  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  w = jnp.asarray(rng.normal(size=(4, 5)).astype(np.float32))
+  logits_fn = jax.tree_util.Partial(lambda w, x: x @ w, w)
+  predictions = np.array([4, 0, 2])
+  quantity = job.PerImageGrade(logits_fn, jax.nn.one_hot(predictions, 5))
+  x = jnp.asarray(rng.normal(size=(3, 4)).astype(np.float32))
+  probabilities = np.asarray(jax.nn.softmax(x @ w))
+  expected = probabilities[np.arange(3), predictions]
+  np.testing.assert_allclose(quantity(x), expected, rtol=1e-6)
+  # Image-major path points, 2 per image: [6] rows are images 0, 0, 1, 1, 2, 2.
+  np.testing.assert_allclose(quantity(jnp.repeat(x, 2, axis=0)), np.repeat(expected, 2),
+                             rtol=1e-6)
+  with pytest.raises(job.AnalysisError, match="a batch of 4 rows for 3 images"):
+    quantity(x[:1].repeat(4, axis=0))
+  # Pixel IG with 2 points per call (once ambiguous with [inputs; baselines]) matches each
+  # image's own grade quantity integrated alone.
+  baseline = attribution.half_gray_baseline(x)
+  together, gap = attribution.integrated_gradients(quantity, x, baseline, steps=4,
+                                                   chunk_size=2)
+  for n, grade in enumerate(predictions):
+    alone, alone_gap = attribution.integrated_gradients(
+        attribution.probability_of_grade(logits_fn, int(grade)), x[n:n + 1], baseline,
+        steps=4, chunk_size=2)
+    np.testing.assert_allclose(together[n:n + 1], alone, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gap[n:n + 1], alone_gap, rtol=1e-5, atol=1e-7)
