@@ -36,8 +36,9 @@ points per image, so memory is bounded by ``chunk_size`` whatever ``steps`` is.
 Chunks are dispatched one after another from Python (each a compiled program,
 compiled once per shape); a ``lax.scan`` over them is about 3x slower on
 XLA:CPU. On CPUs each chunk's points are integrated as two independent groups in
-that program, which XLA's runtime overlaps (see DEFAULT_GROUPS_PER_CALL). Path points and sums are float32 whatever dtype the model computes in
-(bfloat16, say), or float64 for float64 inputs under ``jax_enable_x64``.
+that program, which XLA's runtime overlaps (see DEFAULT_GROUPS_PER_CALL). Path
+points and sums are float32 whatever dtype the model computes in (bfloat16,
+say), or float64 for float64 inputs under ``jax_enable_x64``.
 
 Models and their weights: ``f`` may be any callable, but arrays that ``f``
 closes over are baked into the compiled program as constants. Pass weights as
@@ -68,9 +69,10 @@ _HALF_GRAY = {"model": HALF_GRAY_MODEL, "pixel": HALF_GRAY_PIXEL, "unit": HALF_G
 METHODS = ("riemann_left", "riemann_right", "riemann_middle", "trapezoid", "gausslegendre")
 
 # Path points per model call when chunk_size is None. On the 2-core CPU,
-# Inception-v3 at 256 px takes the same time per point with 4, 8, 16 or 32
-# points per call (0.32-0.33 s; benchmarks/bench_attribution.py --parts=batching),
-# so the smallest memory wins; accelerators want larger batches.
+# Inception-v3 at 256 px takes about the same time per point with 8 or 16 points
+# per call in groups (0.135-0.137 s; 4 points 0.142 s; one batch of 32 0.161 s:
+# benchmarks/bench_attribution.py --parts=batching), so the smaller memory wins;
+# accelerators want larger batches.
 DEFAULT_POINTS_PER_CALL = {"cpu": 8}
 DEFAULT_POINTS_PER_CALL_ACCELERATOR = 256
 
@@ -78,9 +80,9 @@ DEFAULT_POINTS_PER_CALL_ACCELERATOR = 256
 # path, whole images kept together), integrated side by side in one compiled
 # program. XLA:CPU's runtime then overlaps one group's operations with the
 # other's, which keeps both cores busy where a single chain of operations leaves
-# gaps: pixel IG on Inception-v3, 32 steps, 8 points per call, 6% faster at 256 px
-# and 8% at 299 px for 5% more peak memory (benchmarks/bench_attribution.py
-# --parts=batching). Accelerators run one stream of kernels: no groups.
+# gaps: pixel IG on Inception-v3, 32 steps, 8 points per call, 6-9% faster at 256
+# and 299 px for about 8% more peak memory (benchmarks/bench_attribution.py
+# --parts=batching and memory). Accelerators run one stream of kernels: no groups.
 DEFAULT_GROUPS_PER_CALL = {"cpu": 2}
 
 # How chunks are iterated: "python" dispatches one compiled chunk after another;
