@@ -155,6 +155,35 @@ def test_groups_split_every_chunk_into_contiguous_ranges():
                                  chunk_size=None, groups=0)
 
 
+
+def test_default_chunks_pad_the_least_within_the_points_budget():
+  def computed(steps, size):
+    num_chunks, size = ig_lib.chunk_plan(steps, size)
+    return num_chunks * size
+  # The poster's 50 steps with 8 points per call: 7 chunks of 8 compute 56 points,
+  # 10 chunks of 5 compute exactly 50.
+  assert ig_lib.chunk_plan(50, 8) == (7, 8)
+  assert ig_lib.least_padding_chunk(50, 8) == 5
+  assert ig_lib.least_padding_chunk(32, 8) == 8  # divides: the target itself
+  assert ig_lib.least_padding_chunk(3, 8) == 3  # never more than the steps
+  assert ig_lib.least_padding_chunk(50, 1) == 1
+  for steps in range(1, 130):
+    for target in (1, 2, 3, 8, 16):
+      size = ig_lib.least_padding_chunk(steps, target)
+      bound = min(steps, target)
+      assert (bound + 1) // 2 <= size <= bound
+      # No size within the budget computes fewer points; ties take the larger size.
+      best = min(computed(steps, c) for c in range((bound + 1) // 2, bound + 1))
+      assert computed(steps, size) == best
+      assert all(computed(steps, c) > best for c in range(size + 1, bound + 1))
+  # With no chunk_size the engine uses it: 2 images and 4 points each per call on CPU.
+  per_call = ig_lib.default_points_per_call()
+  assert ig_lib.default_chunk_size(50, 2) == ig_lib.least_padding_chunk(50, per_call // 2)
+  assert ig_lib.chunk_plan(50, None, 1) == ig_lib.chunk_plan(
+      50, ig_lib.least_padding_chunk(50, per_call))
+  with pytest.raises(attribution.AttributionArgumentError, match="steps must be >= 1"):
+    ig_lib.least_padding_chunk(0, 8)
+
 def test_images_are_independent(cnn):
   f, x = cnn
   b = attribution.half_gray_baseline(x)

@@ -168,10 +168,10 @@ def make_quantity(spec: QuantitySpec, logits_fn: Callable, predictions) -> Calla
 
 def path_chunk(config_chunk: int, steps: int, num_images: int) -> int:
   """Path points per image per call: the config's, or about the backend's default
-  points per call."""
+  points per call with the least padding (`default_chunk_size`)."""
   if config_chunk > 0:
     return min(config_chunk, steps)
-  return max(1, min(steps, ig_lib.default_points_per_call() // max(num_images, 1)))
+  return ig_lib.default_chunk_size(steps, num_images)
 
 
 # --------------------------------------------------------------------------- #

@@ -28,11 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from drig.attribution.integration import (AttributionArgumentError, Operands,
-                                                    accumulation_dtype, as_batch,
-                                                    check_baseline, check_positive_int,
-                                                    check_scalar_fn, integrated_gradients,
-                                                    path_sum, quadrature, cached_eval_shape,
-                                                    default_points_per_call, _call_operands)
+                                          accumulation_dtype, as_batch, check_baseline,
+                                          check_positive_int, check_scalar_fn,
+                                          integrated_gradients, least_padding_chunk,
+                                          path_sum, quadrature, cached_eval_shape,
+                                          default_points_per_call, _call_operands)
 
 # Pull-backs per call when chunk_size is None, as a multiple of the default
 # points per call: the K read-outs multiply the backward batch by K, and on the
@@ -45,7 +45,7 @@ def _readout_chunk(chunk_size, steps: int, num_images: int, num_readouts: int) -
   if chunk_size is not None:
     return chunk_size
   budget = _PULLBACKS_PER_POINT_BUDGET * default_points_per_call()
-  return max(1, min(steps, budget // (num_readouts * max(num_images, 1))))
+  return least_padding_chunk(steps, budget // (num_readouts * max(num_images, 1)))
 from drig.attribution import layer as layer_lib
 from drig.attribution import receptive_field
 
