@@ -64,6 +64,9 @@ def get_config(arg=None):
   config.steps = 50
   config.method = "riemann_right"  # the poster's sum over k = 1..m
   config.chunk_size = 0            # path points per image per call; 0: automatic
+  # Parts each model call's batch is split into; 0: automatic (2 on a one-device
+  # CPU when a call has one path point per image: about 9% faster; else 1).
+  config.batch_groups = 0
   config.storage_dtype = "float16"  # maps in the shards: float16 (scaled) or float32
 
   config.layer = "Conv2d_4a_3x3"   # the stem's last convolution, before mixed0

@@ -264,3 +264,25 @@ def test_per_image_grade_reads_each_images_grade_at_any_points_per_image():
         steps=4, chunk_size=2)
     np.testing.assert_allclose(together[n:n + 1], alone, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(gap[n:n + 1], alone_gap, rtol=1e-5, atol=1e-7)
+  # The job splits each call's images into parts when a call has one point per image:
+  # each image still reads its own grade.
+  from drig.attribution import integration  # pylint: disable=g-import-not-at-top
+  split = job.PerImageGrade(integration.BatchGroups(logits_fn, 2), jax.nn.one_hot(predictions, 5))
+  parts, parts_gap = attribution.integrated_gradients(split, x, baseline, steps=4, chunk_size=1)
+  whole, whole_gap = attribution.integrated_gradients(quantity, x, baseline, steps=4,
+                                                      chunk_size=1)
+  np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(parts_gap, whole_gap, rtol=1e-5, atol=1e-7)
+
+
+def test_batch_groups_only_where_the_path_cannot_be_split(monkeypatch):
+  from drig.attribution import integration  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(integration, "default_groups_per_call", lambda: 2)  # a CPU
+  assert job.batch_groups(0, chunk=1, num_images=16, num_devices=1) == 2
+  assert job.batch_groups(0, chunk=1, num_images=4, num_devices=1) == 2
+  assert job.batch_groups(0, chunk=1, num_images=3, num_devices=1) == 1  # parts of 1 image
+  assert job.batch_groups(0, chunk=2, num_images=16, num_devices=1) == 1  # path groups do it
+  assert job.batch_groups(0, chunk=1, num_images=16, num_devices=8) == 1  # sharded batch
+  assert job.batch_groups(3, chunk=4, num_images=16, num_devices=8) == 3  # the config's
+  monkeypatch.setattr(integration, "default_groups_per_call", lambda: 1)  # an accelerator
+  assert job.batch_groups(0, chunk=1, num_images=16, num_devices=1) == 1

@@ -214,3 +214,32 @@ def test_bad_layer_calls(net):
     attribution.layer_conductance(to_layer, from_layer, x, b, derivative="finite")
   with pytest.raises(ValueError, match="by must be 'channel' or 'unit'"):
     attribution.lesion_detection(to_layer, from_layer, x, b, by="pixel")
+
+
+def test_batch_groups_equal_the_whole_batch(net):
+  p, x, b, to_layer, from_layer = net
+  ig_lib = attribution.integration
+  for groups in (1, 2, 3, 5):  # 3 images: parts of 2+1, 1+1+1, and never an empty part
+    split = ig_lib.BatchGroups(to_layer, groups)
+    np.testing.assert_allclose(split(x), to_layer(x), rtol=1e-6, atol=1e-6)
+  # Pytree outputs are concatenated leaf by leaf.
+  pair = ig_lib.BatchGroups(lambda z: {"a": z.sum(axis=(1, 2, 3)), "b": z[:, 0]}, 2)(x)
+  np.testing.assert_allclose(pair["a"], x.sum(axis=(1, 2, 3)), rtol=1e-6)
+  np.testing.assert_array_equal(pair["b"], x[:, 0])
+  # The weights stay leaves (traced arguments, not constants of the program).
+  leaves = jax.tree_util.tree_leaves(ig_lib.BatchGroups(to_layer, 2))
+  assert len(leaves) == len(jax.tree_util.tree_leaves(p))
+  with pytest.raises(attribution.AttributionArgumentError, match="groups must be >= 1"):
+    ig_lib.BatchGroups(to_layer, 0)
+  # The whole analysis through split functions equals the unsplit one.
+  kw = dict(k=2, individual_regions=False, steps=6, chunk_size=1)
+  whole = attribution.lesion_detection(to_layer, from_layer, x, b, **kw)
+  parts = attribution.lesion_detection(ig_lib.BatchGroups(to_layer, 2),
+                                       ig_lib.BatchGroups(from_layer, 2), x, b, **kw)
+  for name in ("pixels", "positive_resultant", "negative_resultant"):
+    a, c = np.asarray(getattr(whole, name)), np.asarray(getattr(parts, name))
+    np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+  # Gaps are differences of near-equal sums: float rounding, relative to the quantity.
+  np.testing.assert_allclose(parts.pixel_gap, whole.pixel_gap, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(parts.layer.channels, whole.layer.channels, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(parts.top.positive, whole.top.positive)

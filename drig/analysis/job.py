@@ -174,6 +174,22 @@ def path_chunk(config_chunk: int, steps: int, num_images: int) -> int:
   return ig_lib.default_chunk_size(steps, num_images)
 
 
+def batch_groups(config_groups: int, chunk: int, num_images: int, num_devices: int) -> int:
+  """Parts each model call's batch is split into (`drig.attribution.integration.BatchGroups`).
+
+  The config's if positive. Automatic (0): the backend's groups per call (2 on CPUs,
+  1 on accelerators) when the engine cannot split along the path (one path point per
+  image per call), each part keeps at least 2 images, and the batch is on one device
+  (a sharded batch is not split); otherwise 1.
+  """
+  if config_groups > 0:
+    return config_groups
+  groups = ig_lib.default_groups_per_call()
+  if chunk > 1 or num_devices > 1 or num_images < 2 * groups:
+    return 1
+  return groups
+
+
 # --------------------------------------------------------------------------- #
 # The model.
 
@@ -491,14 +507,19 @@ class ShardAttributor:
     x = sharding_lib.shard_batch(input_pipeline.to_model_input(images), self.mesh)
     baseline = sharding_lib.replicate(ig_lib.half_gray_baseline(x), self.mesh)
     n = x.shape[0]
-    probabilities = np.asarray(_probabilities(self.logits_fn, x))
+    chunk = path_chunk(config.chunk_size, config.steps, n)
+    logits_fn, to_layer, from_layer = self.logits_fn, self.to_layer, self.from_layer
+    groups = batch_groups(config.batch_groups, chunk, n, self.mesh.size)
+    if groups > 1:  # Rows are independent: the parts give the same maps, sooner.
+      logits_fn, to_layer, from_layer = (ig_lib.BatchGroups(fn, groups)
+                                         for fn in (logits_fn, to_layer, from_layer))
+    probabilities = np.asarray(_probabilities(logits_fn, x))
     if predictions is None:
       predictions = probabilities.argmax(axis=-1).astype(np.int32)
     predictions = np.asarray(predictions, np.int32)
     out = {"probabilities": probabilities, "prediction": predictions}
-    chunk = path_chunk(config.chunk_size, config.steps, n)
     if self.k is None:
-      layer_shape = jax.eval_shape(self.to_layer, x).shape[1:]
+      layer_shape = jax.eval_shape(to_layer, x).shape[1:]
       neurons = layer_shape[-1] if config.neurons == "channel" else int(np.prod(layer_shape))
       self.k = min(config.top_k, neurons)
       if self.k < config.top_k:
@@ -506,11 +527,11 @@ class ShardAttributor:
                         config.neurons, config.top_k, self.k)
     for spec in self.quantities:
       preds = sharding_lib.replicate(jnp.asarray(predictions), self.mesh)
-      from_layer = make_quantity(spec, self.from_layer, preds)
+      layer_quantity = make_quantity(spec, from_layer, preds)
       analysis = active_regions_lib.lesion_detection(
-          self.to_layer, from_layer, x, baseline, k=self.k, by=config.neurons,
+          to_layer, layer_quantity, x, baseline, k=self.k, by=config.neurons,
           individual_regions=False, steps=config.steps, method=config.method, chunk_size=chunk)
-      quantity = make_quantity(spec, self.logits_fn, preds)
+      quantity = make_quantity(spec, logits_fn, preds)
       gradient = _gradient(quantity, x)
       q = spec.key
       stored = {

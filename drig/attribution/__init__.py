@@ -11,7 +11,8 @@ Main entry points:
     layer_conductance (input path, Captum's LayerConductance)
   active_regions, unit_active_regions, select_top_k, resultant_active_region,
   lesion_detection
-  sharded_call, image_mesh (several devices)
+  sharded_call, image_mesh (several devices); BatchGroups (a model's batch in
+    independent parts: faster on multi-core CPUs for many images per call)
   drig.attribution.heatmap (green/red rendering)
 """
 
@@ -28,6 +29,7 @@ from drig.attribution.regions import TopK
 from drig.attribution.regions import unit_cotangents
 from drig.attribution.regions import unit_active_regions
 from drig.attribution.integration import AttributionArgumentError
+from drig.attribution.integration import BatchGroups
 from drig.attribution.integration import HALF_GRAY_MODEL
 from drig.attribution.integration import HALF_GRAY_PIXEL
 from drig.attribution.integration import half_gray_baseline
