@@ -185,10 +185,10 @@ def least_padding_chunk(steps: int, target: int) -> int:
   Chunks all have one size, so a size that does not divide `steps` computes
   wasted points: 50 steps in chunks of 8 are 7 calls of 8, 56 points (12% more
   work); in chunks of 5, 10 calls and no waste. Per-point speed on the 2-core CPU
-  hardly changes between 4 and 16 points per call, so the least padding wins
-  (pixel IG at 256 px, 50 steps: 9.5 s against 10.9 s with chunks of 8, medians of
-  3, benchmarks/bench_attribution.py --parts=batching --steps=50). Ties go to the
-  larger size (fewer calls).
+  changes little between 4 and 16 points per call (pixel IG at 256 px, 50 steps:
+  7.89 s in chunks of 5 against 8.07 s in chunks of 8, medians of 4,
+  benchmarks/bench_attribution.py --parts=batching --steps=50); on accelerators the
+  padded points are pure waste. Ties go to the larger size (fewer calls).
   """
   check_positive_int(steps)
   target = max(1, min(steps, target))
@@ -350,7 +350,8 @@ class BatchGroups:
   with many images and one path point each (the analysis job's shards), whose
   points cannot be split along the path. Inception-v3 forward + input gradient,
   16 images of 256 px on the 2-core CPU: 2.13 s in two parts of 8 against 2.35 s
-  (medians of 6, alternating). Keep it to one device: splitting a batch that is
+  (medians of 6, alternating); the analysis job's shards of 16, 9-10% less time
+  (docs/analysis.md). Keep it to one device: splitting a batch that is
   sharded over a mesh would move the images between devices.
 
   A pytree: ``fn``'s arrays stay traced arguments of the compiled programs.
