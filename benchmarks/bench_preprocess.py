@@ -13,6 +13,10 @@ times, alternating A B A B on the same files:
      reference for the PSNR; timed only with --time_full_decode, it is slow because
      step 2's blur then runs on 10 Mpx).
 
+It also times other JPEG decoders at A's scale (Pillow's ``draft``; simplejpeg, if
+installed, plain and with its fast DCT and upsampling), to show that A's decoding is
+at libjpeg-turbo's floor whichever library calls it.
+
 It prints images/s of each, the A/B ratio, and the PSNR of A's output against C's
 (the error that reduced decoding introduces; the 128 outside the disc is excluded).
 Targets (issue 2): A/B >= 3, PSNR >= 35 dB.
@@ -173,6 +177,56 @@ def print_comparison(title, samples, rates):
         f" target >= 3)")
 
 
+def _decoders(reduction):
+  """name -> fn(bytes) decoding a JPEG to RGB at 1/reduction: OpenCV (drig's), and, where
+  installed, Pillow's ``draft`` and simplejpeg (plain and with its fast options)."""
+  flags = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+           8: cv2.IMREAD_REDUCED_COLOR_8}.get(reduction, cv2.IMREAD_COLOR)
+  decoders = {"opencv (drig)": lambda data: cv2.imdecode(np.frombuffer(data, np.uint8), flags)}
+  try:
+    import io  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    def pillow(data):
+      image = Image.open(io.BytesIO(data))
+      image.draft("RGB", (image.width // reduction, image.height // reduction))
+      return np.asarray(image.convert("RGB"))
+    decoders["pillow draft"] = pillow
+  except ImportError:
+    pass
+  try:
+    import simplejpeg  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    simplejpeg = None
+  if simplejpeg is not None:
+    def simple(data, **options):
+      height, width = simplejpeg.decode_jpeg_header(data)[:2]
+      return simplejpeg.decode_jpeg(data, "RGB", min_height=height // reduction,
+                                    min_width=width // reduction, **options)
+    decoders["simplejpeg"] = simple
+    decoders["simplejpeg fast dct+upsampling"] = functools.partial(
+        simple, fastdct=True, fastupsample=True)
+  return decoders
+
+
+def compare_decoders(paths, reduction, repeats):
+  """Median ms per decode of each available decoder, alternating, same files and scale."""
+  datas = [open(p, "rb").read() for p in paths]  # pylint: disable=consider-using-with
+  decoders = _decoders(reduction)
+  shapes = {name: fn(datas[0]).shape for name, fn in decoders.items()}
+  times = {name: [] for name in decoders}
+  for _ in range(max(repeats, 10)):
+    for data in datas:
+      for name, fn in decoders.items():
+        start = time.perf_counter()
+        fn(data)
+        times[name].append(time.perf_counter() - start)
+  print(f"JPEG decoders at 1/{reduction} (median of {len(times['opencv (drig)'])} alternating "
+        "calls; all libjpeg-turbo; pip install simplejpeg to add it):")
+  for name, values in times.items():
+    print(f"  {name:32s} {1e3 * statistics.median(values):6.2f} ms  {shapes[name]}")
+
+
 def psnr(a, b, where):
   err = np.mean((a[where].astype(np.float64) - b[where].astype(np.float64)) ** 2)
   return float("inf") if err == 0 else 10 * np.log10(255.0 ** 2 / err)
@@ -238,6 +292,9 @@ def main():
           f"{1e3 * statistics.median(seconds['A drig reduced decode']):.1f} ms: even with "
           f"no processing at all A/B would be "
           f"{statistics.median(seconds['B tfds btgraham']) / floor:.2f}x")
+
+    # The test images are 2592 px high (render_fundus_like): A's reduction factor.
+    compare_decoders(paths, round(2592 / decoded.shape[0]), args.repeats)
 
     if args.workers:
       rates = time_throughput(
