@@ -197,8 +197,8 @@ def _decoders(reduction):
   try:
     import simplejpeg  # pylint: disable=g-import-not-at-top
   except ImportError:
-    simplejpeg = None
-  if simplejpeg is not None:
+    pass
+  else:
     def simple(data, **options):
       height, width = simplejpeg.decode_jpeg_header(data)[:2]
       return simplejpeg.decode_jpeg(data, "RGB", min_height=height // reduction,

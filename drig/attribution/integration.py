@@ -192,12 +192,8 @@ def least_padding_chunk(steps: int, target: int) -> int:
   """
   check_positive_int(steps)
   target = max(1, min(steps, target))
-
-  def computed_points(size):
-    num_chunks = math.ceil(steps / size)
-    return num_chunks * math.ceil(steps / num_chunks)
-
-  return min(range(target, (target + 1) // 2 - 1, -1), key=computed_points)
+  return min(range(target, (target + 1) // 2 - 1, -1),
+             key=lambda size: math.prod(chunk_plan(steps, size)))
 
 
 def default_chunk_size(steps: int, num_images: int = 1) -> int:

@@ -33,6 +33,8 @@ from drig.attribution.integration import (AttributionArgumentError, Operands,
                                           integrated_gradients, least_padding_chunk,
                                           path_sum, quadrature, cached_eval_shape,
                                           default_points_per_call, _call_operands)
+from drig.attribution import layer as layer_lib
+from drig.attribution import receptive_field
 
 # Pull-backs per call when chunk_size is None, as a multiple of the default
 # points per call: the K read-outs multiply the backward batch by K, and on the
@@ -46,8 +48,6 @@ def _readout_chunk(chunk_size, steps: int, num_images: int, num_readouts: int) -
     return chunk_size
   budget = _PULLBACKS_PER_POINT_BUDGET * default_points_per_call()
   return least_padding_chunk(steps, budget // (num_readouts * max(num_images, 1)))
-from drig.attribution import layer as layer_lib
-from drig.attribution import receptive_field
 
 
 class ActiveRegions(NamedTuple):
