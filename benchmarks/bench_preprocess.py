@@ -28,15 +28,27 @@ Two regimes are timed, each A B A B:
                files are processed ``--rounds`` times per contender and the wall time of
                the whole batch gives images/s. This is the rate a data-set build sees.
 
+Each regime runs under two heap policies, because B's figure depends on them:
+  glibc default  as Python starts. Here glibc serves the ~30 MB buffers of B's
+                 full-resolution decode with a fresh mmap on every call: ~8,000 page faults
+                 (printed per call), about 20 ms of B's time; A's buffers are small.
+  warm heap      ``mallopt`` keeps freed memory in the heap (what a long-running pipeline
+                 can get with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``), so
+                 that the comparison is of the work itself. Skipped where the C library has
+                 no ``mallopt``.
+
   python benchmarks/bench_preprocess.py --num_images=4 --repeats=3
   python benchmarks/bench_preprocess.py --working_ratio=1  # 1/8 decoding: faster, lower PSNR
 """
 
 import argparse
 import concurrent.futures
+import ctypes
+import ctypes.util
 import functools
 import multiprocessing
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -134,20 +146,61 @@ def tfds_btgraham(path, size):
   return decoded
 
 
-def _init_worker():
+def use_warm_heap():
+  """Makes glibc keep freed memory in the heap instead of returning it to the kernel.
+
+  Large buffers then come from memory this process already touched, not from a fresh
+  mmap whose every page faults on first use. Returns False where the C library has no
+  ``mallopt`` (not glibc).
+  """
+  try:
+    mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+  except (OSError, AttributeError, TypeError):
+    return False
+  m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+  # Some glibc versions cap the mmap threshold at 32 MiB (still above B's 30 MB buffers).
+  mmap_ok = mallopt(m_mmap_threshold, 1 << 30) or mallopt(m_mmap_threshold, 1 << 25)
+  return bool(mmap_ok) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+def _init_worker(warm_heap):
   generation.init_worker()  # As drig's EyePACS builder's workers.
   cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+  if warm_heap:
+    use_warm_heap()
 
 
 def _shape_of(fn, path, size):
   return fn(path, size).shape  # Only the shape crosses the process boundary.
 
 
-def time_throughput(contenders, paths, size, workers, rounds):
+def _minor_faults():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_one_stream(contenders, paths, size, repeats):
+  """Seconds and minor page faults of every call, one at a time, A B A B per file."""
+  for fn in contenders.values():  # Warm up (imports, OpenCV's thread pool, the heap).
+    fn(paths[0], size)
+  seconds = {name: [] for name in contenders}
+  faults = {name: [] for name in contenders}
+  for _ in range(repeats):
+    for path in paths:
+      for name, fn in contenders.items():
+        before = _minor_faults()
+        start = time.perf_counter()
+        fn(path, size)
+        seconds[name].append(time.perf_counter() - start)
+        faults[name].append(_minor_faults() - before)
+  return seconds, faults
+
+
+def time_throughput(contenders, paths, size, workers, rounds, warm_heap):
   """images/s per contender with ``workers`` processes, alternating A B A B."""
   context = multiprocessing.get_context("spawn")
   pools = {name: concurrent.futures.ProcessPoolExecutor(
-      workers, mp_context=context, initializer=_init_worker) for name in contenders}
+      workers, mp_context=context, initializer=_init_worker, initargs=(warm_heap,))
+           for name in contenders}
   try:
     for name, fn in contenders.items():  # Start the workers and warm them up.
       list(pools[name].map(_shape_of, [fn] * (2 * workers), [paths[0]] * (2 * workers),
@@ -182,7 +235,9 @@ def _decoders(reduction):
   installed, Pillow's ``draft`` and simplejpeg (plain and with its fast options)."""
   flags = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
            8: cv2.IMREAD_REDUCED_COLOR_8}.get(reduction, cv2.IMREAD_COLOR)
-  decoders = {"opencv (drig)": lambda data: cv2.imdecode(np.frombuffer(data, np.uint8), flags)}
+  decoders = {"opencv (drig)": lambda data: cv2.imdecode(np.frombuffer(data, np.uint8), flags),
+              "opencv full resolution (B)": lambda data: cv2.imdecode(
+                  np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)}
   try:
     import io  # pylint: disable=g-import-not-at-top
     from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -221,8 +276,8 @@ def compare_decoders(paths, reduction, repeats):
         start = time.perf_counter()
         fn(data)
         times[name].append(time.perf_counter() - start)
-  print(f"JPEG decoders at 1/{reduction} (median of {len(times['opencv (drig)'])} alternating "
-        "calls; all libjpeg-turbo; pip install simplejpeg to add it):")
+  print(f"JPEG decoders at 1/{reduction} unless named (median of {len(times['opencv (drig)'])} "
+        "alternating calls; all libjpeg-turbo; pip install simplejpeg to add it):")
   for name, values in times.items():
     print(f"  {name:32s} {1e3 * statistics.median(values):6.2f} ms  {shapes[name]}")
 
@@ -274,34 +329,34 @@ def main():
         paths[0], min_retina_diameter=args.working_ratio * args.size)
     print(f"A decodes {os.path.basename(paths[0])} at {decoded.shape[1]}x{decoded.shape[0]} "
           f"(retina >= {args.working_ratio:g} x {args.size} px)")
-    for fn in contenders.values():  # Warm up (imports, OpenCV's thread pool).
-      fn(paths[0], args.size)
-    # Interleaved per file (A B A B ...), so that both see the same machine load; the
-    # speed-up is the median of the paired per-file ratios.
-    seconds = {name: [] for name in contenders}
-    for _ in range(args.repeats):
-      for path in paths:
-        for name, fn in contenders.items():
-          start = time.perf_counter()
-          fn(path, args.size)
-          seconds[name].append(time.perf_counter() - start)
-    print_comparison("one stream (one call at a time)", "calls",
-                     {name: [1 / v for v in values] for name, values in seconds.items()})
-    floor = statistics.median(seconds["D A's decoding alone"])
-    print(f"A's decoding (read, reduced decode, locate) takes {1e3 * floor:.1f} ms of A's "
-          f"{1e3 * statistics.median(seconds['A drig reduced decode']):.1f} ms: even with "
-          f"no processing at all A/B would be "
-          f"{statistics.median(seconds['B tfds btgraham']) / floor:.2f}x")
-
     # The test images are 2592 px high (render_fundus_like): A's reduction factor.
-    compare_decoders(paths, round(2592 / decoded.shape[0]), args.repeats)
-
-    if args.workers:
-      rates = time_throughput(
-          {"A drig reduced decode": reduced, "B tfds btgraham": tfds_btgraham}, paths,
-          args.size, args.workers, args.rounds)
-      print_comparison(f"throughput ({args.workers} processes, OpenCV single-threaded in each)",
-                       "rounds", rates)
+    reduction = round(2592 / decoded.shape[0])
+    for policy in ["glibc default", "warm heap"]:
+      if policy == "warm heap" and not use_warm_heap():
+        print("\nwarm heap: skipped (no mallopt in this C library)")
+        break
+      print(f"\n== heap policy: {policy} ==")
+      # Interleaved per file (A B A B ...), so that both see the same machine load; the
+      # speed-up is the median of the paired per-file ratios.
+      seconds, faults = time_one_stream(contenders, paths, args.size, args.repeats)
+      print_comparison("one stream (one call at a time)", "calls",
+                       {name: [1 / v for v in values] for name, values in seconds.items()})
+      print("minor page faults per call: " + ", ".join(
+          f"{name.split()[0]} {statistics.median(values):.0f}" for name, values in faults.items()))
+      floor = statistics.median(seconds["D A's decoding alone"])
+      print(f"A's decoding (read, reduced decode, locate) takes {1e3 * floor:.1f} ms of A's "
+            f"{1e3 * statistics.median(seconds['A drig reduced decode']):.1f} ms: even with "
+            f"no processing at all A/B would be "
+            f"{statistics.median(seconds['B tfds btgraham']) / floor:.2f}x")
+      compare_decoders(paths, reduction, args.repeats)
+      if args.workers:
+        rates = time_throughput(
+            {"A drig reduced decode": reduced, "B tfds btgraham": tfds_btgraham}, paths,
+            args.size, args.workers, args.rounds, warm_heap=policy == "warm heap")
+        print_comparison(
+            f"throughput ({args.workers} processes, OpenCV single-threaded in each)",
+            "rounds", rates)
+    print()
 
     inside = preprocess.field_of_view(args.size)
     values = []
