@@ -32,10 +32,11 @@ Each regime runs under two heap policies, because B's figure depends on them:
   glibc default  as Python starts. Here glibc serves the ~30 MB buffers of B's
                  full-resolution decode with a fresh mmap on every call: ~8,000 page faults
                  (printed per call), about 20 ms of B's time; A's buffers are small.
-  warm heap      ``mallopt`` keeps freed memory in the heap (what a long-running pipeline
-                 can get with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``), so
-                 that the comparison is of the work itself. Skipped where the C library has
-                 no ``mallopt``.
+  warm heap      ``drig.runtime.keep_freed_memory`` (``mallopt``) keeps freed memory in the
+                 heap, as in drig's data-set generation workers (a long-running pipeline
+                 can get the same with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``),
+                 so that the comparison is of the work itself. Skipped where the C library
+                 has no ``mallopt``.
 
   python benchmarks/bench_preprocess.py --num_images=4 --repeats=3
   python benchmarks/bench_preprocess.py --working_ratio=1  # 1/8 decoding: faster, lower PSNR
@@ -43,8 +44,6 @@ Each regime runs under two heap policies, because B's figure depends on them:
 
 import argparse
 import concurrent.futures
-import ctypes
-import ctypes.util
 import functools
 import multiprocessing
 import os
@@ -57,6 +56,7 @@ import cv2
 import numpy as np
 
 from drig import preprocess
+from drig import runtime
 from drig.data import generation
 
 
@@ -146,28 +146,10 @@ def tfds_btgraham(path, size):
   return decoded
 
 
-def use_warm_heap():
-  """Makes glibc keep freed memory in the heap instead of returning it to the kernel.
-
-  Large buffers then come from memory this process already touched, not from a fresh
-  mmap whose every page faults on first use. Returns False where the C library has no
-  ``mallopt`` (not glibc).
-  """
-  try:
-    mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-  except (OSError, AttributeError, TypeError):
-    return False
-  m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-  # Some glibc versions cap the mmap threshold at 32 MiB (still above B's 30 MB buffers).
-  mmap_ok = mallopt(m_mmap_threshold, 1 << 30) or mallopt(m_mmap_threshold, 1 << 25)
-  return bool(mmap_ok) and bool(mallopt(m_trim_threshold, 1 << 30))
-
-
 def _init_worker(warm_heap):
-  generation.init_worker()  # As drig's EyePACS builder's workers.
+  # As drig's EyePACS builder's workers (which keep freed memory), heap policy aside.
+  generation.init_worker(keep_freed_memory=warm_heap)
   cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-  if warm_heap:
-    use_warm_heap()
 
 
 def _shape_of(fn, path, size):
@@ -332,7 +314,7 @@ def main():
     # The test images are 2592 px high (render_fundus_like): A's reduction factor.
     reduction = round(2592 / decoded.shape[0])
     for policy in ["glibc default", "warm heap"]:
-      if policy == "warm heap" and not use_warm_heap():
+      if policy == "warm heap" and not runtime.keep_freed_memory():
         print("\nwarm heap: skipped (no mallopt in this C library)")
         break
       print(f"\n== heap policy: {policy} ==")

@@ -33,10 +33,17 @@ NUM_GRADES = 5  # DR grades 0 (none) to 4 (proliferative)
 _log = logging.getLogger(__name__)
 
 
-def init_worker():
-  """Worker initializer: OpenCV single-threaded, as one process per core fills them."""
+def init_worker(keep_freed_memory: bool = True):
+  """Worker initializer: OpenCV single-threaded, as one process per core fills them.
+
+  ``keep_freed_memory``: glibc keeps freed buffers for the next photograph
+  (``runtime.keep_freed_memory``: about 10% more photographs/s per worker).
+  """
   import cv2  # pylint: disable=g-import-not-at-top
+  from drig import runtime  # pylint: disable=g-import-not-at-top
   cv2.setNumThreads(1)
+  if keep_freed_memory:
+    runtime.keep_freed_memory()
 
 
 def fundus_features(size: int, photo_size: int, **extra) -> tfds.features.FeaturesDict:
