@@ -1,8 +1,11 @@
 """End-to-end tests of the EyePACS builder on a fake Kaggle manual download."""
 
 import csv
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -296,12 +299,9 @@ print(json.dumps({"default": default, "kept": faults_per_call(sys.argv[1])}))
 """
 
 
-@pytest.mark.skipif(os.uname().sysname != "Linux", reason="glibc's mallopt")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_generation_workers_reuse_freed_memory(tmp_path):
   """A worker's photographs after the first take (almost) no fresh pages."""
-  import json  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   # EyePACS-sized (3888x2592), written here so that the worker allocates nothing large first.
   photo = np.zeros((2592, 3888, 3), np.uint8)
   cv2.circle(photo, (1944, 1296), 1290, (35, 85, 185), -1)
