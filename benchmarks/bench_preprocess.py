@@ -215,8 +215,7 @@ def print_comparison(title, samples, rates):
 def _decoders(reduction):
   """name -> fn(bytes) decoding a JPEG to RGB at 1/reduction: OpenCV (drig's), and, where
   installed, Pillow's ``draft`` and simplejpeg (plain and with its fast options)."""
-  flags = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-           8: cv2.IMREAD_REDUCED_COLOR_8}.get(reduction, cv2.IMREAD_COLOR)
+  flags = preprocess._REDUCED_FLAGS[reduction]  # pylint: disable=protected-access
   decoders = {"opencv (drig)": lambda data: cv2.imdecode(np.frombuffer(data, np.uint8), flags),
               "opencv full resolution (B)": lambda data: cv2.imdecode(
                   np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)}

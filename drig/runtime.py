@@ -75,7 +75,7 @@ def keep_freed_memory() -> bool:
   By default glibc returns large freed buffers to the kernel, so a process that
   decodes one photograph after another maps fresh pages, and takes a page fault on
   each, for every image: about 900-1,100 faults and 2 of 22 ms per 3888x2592 JPEG
-  in a data-set generation worker (``benchmarks/bench_preprocess.py`` counts them). Meant
+  in a data-set generation worker (``tests/test_eyepacs.py`` counts them). Meant
   for processes that repeat the same work, such as drig's generation workers; the
   memory stays with the process until it exits. Process-wide: never called on import.
 
