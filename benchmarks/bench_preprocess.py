@@ -19,7 +19,7 @@ at libjpeg-turbo's floor whichever library calls it.
 
 It prints images/s of each, the A/B ratio, and the PSNR of A's output against C's
 (the error that reduced decoding introduces; the 128 outside the disc is excluded).
-Targets (issue 2): A/B >= 3, PSNR >= 35 dB.
+Targets: A/B >= 3, PSNR >= 35 dB.
 
 Two regimes are timed, each A B A B:
   one stream   one call at a time in this process (OpenCV's own threads allowed);

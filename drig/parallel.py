@@ -13,20 +13,34 @@ Two ways to place a batch, for the two kinds of job:
   global array with ``jax.make_array_from_process_local_data``.
 * Batch attribution (``local_mesh``: this host's devices only): each host owns
   whole shards of the data set, so no step needs another host;
-  ``shard_batch`` splits a batch held by this host over its own devices.
+  ``shard_batch`` splits a batch held by this host over its own devices, and
+  ``sharded_call`` runs an attribution function on a batch of any size that way.
+
+Every attribution function of ``drig.attribution`` is vectorised across images
+and builds its path points image-major, so it runs data-parallel under XLA's SPMD
+partitioner as soon as the images are placed with a ``NamedSharding`` over the
+batch axis; each device integrates its own images and no step needs
+communication. Example::
+
+  mesh = local_mesh()
+  logits_fn = jax.tree_util.Partial(model.apply, replicate(variables, mesh))
+  attributions, gap = sharded_call(
+      lambda x, b: integrated_gradients(probability_of_grade(logits_fn, 4), x, b),
+      images, half_gray_baseline(images), mesh=mesh)
 
 Importing this module has no side effects.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
 
 BATCH_AXIS = "data"
 
@@ -132,7 +146,7 @@ def host_local_to_global(local_tree: Any, mesh: Mesh) -> Any:
   """Assembles global batches from each host's rows, split over ``mesh`` on axis 0.
 
   Every host calls this with its own rows (the same count on every host, in
-  host order: ``drig.input_pipeline.host_rows``); the global batch is their
+  host order: ``drig.input.sampling.host_rows``); the global batch is their
   concatenation over hosts.
 
   Args:
@@ -180,14 +194,39 @@ def shard_batch(x, mesh: Mesh) -> jax.Array:
   return jax.device_put(x, batch_sharding(mesh))
 
 
+def sharded_call(fn: Callable, x, baseline, *, mesh: Mesh) -> Any:
+  """fn(x, baseline) with the images split over ``mesh``, padded as needed.
+
+  Args:
+    fn: (x [N, ...], baseline) -> a pytree of arrays; those with a leading axis
+      of N are per-image results.
+    x: the inputs [N, ...].
+    baseline: one image [1, ...] (replicated) or one per image [N, ...] (split).
+    mesh: e.g. ``local_mesh()``.
+
+  Returns:
+    fn's result for the N images, per-image arrays trimmed back to N.
+  """
+  x = jnp.asarray(x)
+  baseline = jnp.asarray(baseline, x.dtype)
+  n = x.shape[0]
+  padded = shard_batch(pad_batch(x, mesh.size), mesh)
+  if baseline.ndim == x.ndim and baseline.shape[0] == n and n > 1:
+    baseline = shard_batch(pad_batch(baseline, mesh.size), mesh)
+  else:
+    baseline = replicate(baseline, mesh)
+  result = fn(padded, baseline)
+  total = padded.shape[0]
+  return jax.tree_util.tree_map(
+      lambda a: a[:n] if getattr(a, "ndim", 0) >= 1 and a.shape[0] == total else a, result)
+
+
 def to_host(tree: Any) -> Any:
   """Copies a pytree of (possibly multi-host) arrays to numpy on every host.
 
   Replicated arrays are read from a local copy; arrays split across hosts are
   gathered (a collective: every host must call this).
   """
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
   def fetch(x):
     if not isinstance(x, jax.Array) or x.is_fully_addressable:
       return np.asarray(x)

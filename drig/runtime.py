@@ -7,8 +7,11 @@ that import drig are left exactly as they were.
 
 import ctypes
 import ctypes.util
+import logging as python_logging
 import os
+import sys
 
+from absl import flags
 from absl import logging
 
 # XLA:CPU flags drig sets by default in its binaries, unless XLA_FLAGS already
@@ -102,13 +105,14 @@ def setup_process(distributed: str = "auto") -> None:
   ``multihost_requested``; ``yes`` always calls ``jax.distributed.initialize()``;
   ``no`` never does.
   """
-  import logging as python_logging  # pylint: disable=g-import-not-at-top
   logging.get_absl_handler().addFilter(_QuietLibraries())
   python_logging.getLogger().addFilter(_QuietLibraries())
   flags = os.environ.get("XLA_FLAGS", "")
   extra = [f for f in DEFAULT_CPU_XLA_FLAGS if f.split("=")[0] not in flags]
   if extra:
     os.environ["XLA_FLAGS"] = " ".join([flags] + extra).strip()
+  # Imported here, not at the top: data-generation workers import this module for
+  # keep_freed_memory and never use JAX.
   import jax  # pylint: disable=g-import-not-at-top
   if multihost_requested(distributed):
     # Without an explicit coordinator, JAX reads Slurm's or the TPU slice's environment.
@@ -123,8 +127,6 @@ def define_distributed_flag():
 
   Registered under the calling binary, so that its --help lists the flag.
   """
-  import sys  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
   caller = sys._getframe(1).f_globals.get("__name__", "")  # pylint: disable=protected-access
   return flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
                            "Call jax.distributed.initialize() (auto: when launched on several "

@@ -9,11 +9,15 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import numpy as np
 import pytest
+
+from drig import parallel
 
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from drig import attribution
+    from drig import attribution, parallel
     from drig.attribution import integration as ig_lib
     assert jax.device_count() == 8, jax.devices()
     DN = ("NHWC", "HWIO", "NHWC")
@@ -34,8 +38,8 @@ SCRIPT = textwrap.dedent("""
          "v": rng.normal(size=(4,)).astype(np.float32)}
     x = rng.uniform(-1, 1, size=(5, 8, 8, 3)).astype(np.float32)  # 5: padded to 8
     b = attribution.half_gray_baseline(x)
-    mesh = attribution.image_mesh()
-    sharded_p = attribution.replicate(p, mesh)
+    mesh = parallel.local_mesh()
+    sharded_p = parallel.replicate(p, mesh)
 
     def check(name, ours, reference):
       for a, r in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(reference)):
@@ -51,11 +55,11 @@ SCRIPT = textwrap.dedent("""
           jax.tree_util.Partial(full, q), xs, bs, steps=6, method="gausslegendre",
           chunk_size=4, loop=loop))
       single = fn(p)(x, b)
-      multi = attribution.sharded_call(fn(sharded_p), x, b, mesh=mesh)
+      multi = parallel.sharded_call(fn(sharded_p), x, b, mesh=mesh)
       check("integrated_gradients/" + loop, multi, single)
       # The work really is split: each device holds one image's attributions.
-      padded = attribution.shard_batch(jnp.concatenate([x, x[:3]]), mesh)
-      attr, _ = fn(sharded_p)(padded, attribution.replicate(b, mesh))
+      padded = parallel.shard_batch(jnp.concatenate([x, x[:3]]), mesh)
+      attr, _ = fn(sharded_p)(padded, parallel.replicate(b, mesh))
       shapes = {s.data.shape for s in attr.addressable_shards}
       assert len(attr.addressable_shards) == 8 and shapes == {(1, 8, 8, 3)}, shapes
 
@@ -63,13 +67,13 @@ SCRIPT = textwrap.dedent("""
     hl, gl = (jax.tree_util.Partial(from_layer, q) for q in (p, sharded_p))
     kw = dict(steps=5, method="riemann_right", chunk_size=2)
     check("layer_integrated_gradients",
-          attribution.sharded_call(
+          parallel.sharded_call(
               lambda xs, bs: attribution.layer_integrated_gradients(fl, gl, xs, bs, **kw),
               x, b, mesh=mesh),
           attribution.layer_integrated_gradients(tl, hl, x, b, **kw))
     cot = attribution.channel_cotangents((8, 8, 4), np.tile([[0, 3]], (5, 1)))
     check("lesion_detection",
-          attribution.sharded_call(
+          parallel.sharded_call(
               lambda xs, bs: attribution.lesion_detection(fl, gl, xs, bs, k=2, **kw),
               x, b, mesh=mesh),
           attribution.lesion_detection(tl, hl, x, b, k=2, **kw))
@@ -77,7 +81,7 @@ SCRIPT = textwrap.dedent("""
     per_image = np.broadcast_to(b, x.shape) + 0.01 * rng.normal(size=x.shape).astype(np.float32)
     f_single, f_multi = (jax.tree_util.Partial(full, q) for q in (p, sharded_p))
     check("per-image baselines",
-          attribution.sharded_call(
+          parallel.sharded_call(
               lambda xs, bs: attribution.integrated_gradients(f_multi, xs, bs, steps=4),
               x, per_image, mesh=mesh),
           attribution.integrated_gradients(f_single, x, per_image, steps=4))
@@ -98,11 +102,8 @@ def test_eight_fake_devices_equal_one_device():
 
 
 def test_shard_batch_rejects_indivisible_batch():
-  import jax
-  import numpy as np
-  from drig import attribution
-  mesh = attribution.image_mesh(jax.devices()[:1])
-  assert attribution.shard_batch(np.zeros((3, 2)), mesh).shape == (3, 2)
-  mesh2 = jax.sharding.Mesh(np.array(jax.devices()[:1] * 2), ("images",))
-  with pytest.raises(ValueError, match="cannot be split over 2 devices"):
-    attribution.shard_batch(np.zeros((3, 2)), mesh2)
+  mesh = parallel.data_mesh(jax.devices()[:1])
+  assert parallel.shard_batch(np.zeros((3, 2)), mesh).shape == (3, 2)
+  mesh2 = jax.sharding.Mesh(np.array(jax.devices()[:1] * 2), ("data",))
+  with pytest.raises(parallel.BatchSizeError, match="cannot be split over 2 devices"):
+    parallel.shard_batch(np.zeros((3, 2)), mesh2)

@@ -10,6 +10,7 @@ import pytest
 from drig import preprocess
 from drig.data import datasets
 from drig.data import idrid
+from drig.data import lesions
 from drig.data.synthetic_fundus import render_fundus
 
 SIZE = 64
@@ -169,8 +170,8 @@ def test_segmentation_splits_features_and_labels(segmentation):
   assert {k: v.num_examples for k, v in segmentation.info.splits.items()} == {
       "train": len(SEG_TRAIN), "test": len(SEG_TEST)}
   features = segmentation.info.features
-  assert set(features["masks"].keys()) == set(datasets.MASK_NAMES)
-  assert set(features["annotated"].keys()) == set(datasets.MASK_NAMES)
+  assert set(features["masks"].keys()) == set(lesions.MASK_NAMES)
+  assert set(features["annotated"].keys()) == set(lesions.MASK_NAMES)
   for split, names in (("train", SEG_TRAIN), ("test", SEG_TEST)):
     examples = examples_by_name(segmentation, split)
     assert sorted(examples) == list(names)
@@ -179,7 +180,7 @@ def test_segmentation_splits_features_and_labels(segmentation):
       assert int(ex["label"]) == -1 and int(ex["macular_edema"]) == -1
       assert ex["image"].shape == (SIZE, SIZE, 3) and ex["image"].dtype == np.uint8
       assert ex["photo"].shape == (2 * SIZE, 2 * SIZE, 3)
-      for name in datasets.MASK_NAMES:
+      for name in lesions.MASK_NAMES:
         assert ex["masks"][name].shape == (SIZE, SIZE) and ex["masks"][name].dtype == bool
 
 
@@ -271,8 +272,8 @@ def test_grading_labels_and_bad_images_reported(grading, manual_dir):
     assert {n: (int(ex["label"]), int(ex["macular_edema"])) for n, ex in examples.items()} == \
         grades
     for ex in examples.values():
-      assert not any(ex["annotated"][k] for k in datasets.MASK_NAMES)
-      assert not any(ex["masks"][k].any() for k in datasets.MASK_NAMES)
+      assert not any(ex["annotated"][k] for k in lesions.MASK_NAMES)
+      assert not any(ex["masks"][k].any() for k in lesions.MASK_NAMES)
   report = idrid.read_bad_image_report(grading)
   assert report["num_bad"] == 3
   train = report["splits"]["train"]
@@ -372,7 +373,7 @@ def test_config_names():
     idrid.make_config("localization")
   # IDRiD's folder names are the registry's IDRiD class names.
   for name, (folder, _) in idrid.IDRID_MASKS.items():
-    assert folder.split(". ", 1)[1] == datasets.mask_type(name).idrid_name
+    assert folder.split(". ", 1)[1] == lesions.mask_type(name).idrid_name
 
 
 def test_prepare_data_counts_ungraded_segmentation_images(segmentation, data_dir, tmp_path):

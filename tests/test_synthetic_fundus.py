@@ -10,9 +10,10 @@ import pytest
 
 from configs import data as data_configs
 from drig.data import datasets
+from drig.data import lesions
 from drig.data import synthetic_fundus as sf
 
-LESIONS = datasets.LESION_NAMES
+LESIONS = lesions.LESION_NAMES
 
 
 def _lesion_union(masks):
@@ -29,7 +30,7 @@ def _lesion_union(masks):
 def test_render_shapes_and_dtypes():
   photo, masks = sf.render_fundus(3, 2, size=160)
   assert photo.shape == (160, 160, 3) and photo.dtype == np.uint8
-  assert list(masks) == list(datasets.MASK_NAMES)
+  assert list(masks) == list(lesions.MASK_NAMES)
   for mask in masks.values():
     assert mask.shape == (160, 160) and mask.dtype == np.bool_
   # Black corners, a bright retina.
@@ -247,13 +248,13 @@ def test_builder_data_source_examples(prepared):
     assert example["name"] == f"train_{index:06d}".encode()
     assert example["image"].shape == (80, 80, 3) and example["image"].dtype == np.uint8
     assert example["photo"].shape == (160, 160, 3) and example["photo"].dtype == np.uint8
-    assert set(example["masks"]) == set(datasets.MASK_NAMES)
+    assert set(example["masks"]) == set(lesions.MASK_NAMES)
     for mask in example["masks"].values():
       assert mask.shape == (80, 80) and mask.dtype == np.bool_
     # Worker processes made exactly what this process makes for (seed, split, index).
     expected = sf.make_example(spec, "train", index, int(example["label"]), encode=False)
     assert (example["image"] == expected["image"]).all()
-    for name in datasets.MASK_NAMES:
+    for name in lesions.MASK_NAMES:
       assert (example["masks"][name] == expected["masks"][name]).all(), name
     assert (example["photo"] == sf.decode_image(expected["photo"])).all()
     # Outside the field of view the input is half gray and the masks are empty.
@@ -307,7 +308,7 @@ def test_tfrecord_copy_reads_through_tfds_load(prepared, tmp_path):
     assert row["label"] == expected["label"]
     assert row["image"].shape == (80, 80, 3) and row["image"].dtype == np.uint8
     assert (row["image"] == expected["image"]).all()
-    for name in datasets.MASK_NAMES:
+    for name in lesions.MASK_NAMES:
       assert row["masks"][name].dtype == np.bool_
       assert (row["masks"][name] == expected["masks"][name]).all()
 

@@ -11,8 +11,8 @@ Main entry points:
     layer_conductance (input path, Captum's LayerConductance)
   active_regions, unit_active_regions, select_top_k, resultant_active_region,
   lesion_detection
-  sharded_call, image_mesh (several devices); BatchGroups (a model's batch in
-    independent parts: faster on multi-core CPUs for many images per call)
+  BatchGroups (a model's batch in independent parts: faster on multi-core CPUs
+    for many images per call); several devices: drig.parallel.sharded_call
   drig.attribution.heatmap (green/red rendering)
 """
 
@@ -49,7 +49,3 @@ from drig.attribution.quantities import GradeQuantity
 from drig.attribution.quantities import logit_of_grade
 from drig.attribution.quantities import probability_of_grade
 from drig.attribution.quantities import weighted_grades
-from drig.attribution.sharding import image_mesh
-from drig.attribution.sharding import replicate
-from drig.attribution.sharding import shard_batch
-from drig.attribution.sharding import sharded_call

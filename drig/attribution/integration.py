@@ -1,5 +1,7 @@
 """Integrated gradients along a straight path, with explicit quadrature rules.
 
+One concept: the integration engine (quadrature, chunked path points, batch groups).
+
 Integrated gradients (Sundararajan et al., 2017) attributes ``F(x) - F(x')`` to
 the coordinates of ``x``::
 
@@ -58,11 +60,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Half gray is pixel value 128 in [0, 255]. The model sees x / 127.5 - 1, so
-# half gray is 128 / 127.5 - 1 = 1/255 ~= 0.00392 in its input space, not 0.
-HALF_GRAY_PIXEL = 128.0
-HALF_GRAY_MODEL = 128.0 / 127.5 - 1.0
-HALF_GRAY_UNIT = 128.0 / 255.0
+from drig import grading
+
+# Half gray (drig.grading.HALF_GRAY) in each input space a model may use.
+HALF_GRAY_PIXEL = float(grading.HALF_GRAY)
+HALF_GRAY_MODEL = grading.HALF_GRAY_MODEL
+HALF_GRAY_UNIT = grading.HALF_GRAY / 255.0
 
 _HALF_GRAY = {"model": HALF_GRAY_MODEL, "pixel": HALF_GRAY_PIXEL, "unit": HALF_GRAY_UNIT}
 
@@ -523,7 +526,7 @@ def _finish_pixel(operands, x, baseline, integral):
   acc = accumulation_dtype(x)
   attributions = (x.astype(acc) - baseline.astype(acc)) * integral
   # Two calls of [N], not one of [2N]: a quantity only ever sees the images or
-  # image-major path points (drig.analysis.job.PerImageGrade relies on it).
+  # image-major path points (drig.analysis.quantity_specs.PerImageGrade relies on it).
   change = (f(x).astype(acc)
             - f(jnp.broadcast_to(baseline, x.shape).astype(x.dtype)).astype(acc))
   gap = attributions.reshape(x.shape[0], -1).sum(axis=1) - change

@@ -51,6 +51,7 @@ from drig.attribution.integration import (AttributionArgumentError, Operands,
                                                     check_baseline, check_positive_int,
                                                     check_scalar_fn, integrated_gradients,
                                                     path_sum, quadrature)
+from drig.models import layer_access
 
 
 class UnknownLayerError(AttributionArgumentError):
@@ -206,7 +207,6 @@ class ToLayer:
     self.model, self.variables, self.layer = model, variables, layer
 
   def __call__(self, x):
-    from drig.models import layer_access  # pylint: disable=g-import-not-at-top
     return layer_access.input_to_layer(self.model, self.variables, x, self.layer)
 
   def tree_flatten(self):
@@ -222,13 +222,11 @@ class FromLayer(ToLayer):
   """activations at `layer` -> logits (drig.models.layer_access.layer_to_output); a pytree."""
 
   def __call__(self, activations):
-    from drig.models import layer_access  # pylint: disable=g-import-not-at-top
     return layer_access.layer_to_output(self.model, self.variables, activations, self.layer)
 
 
 def check_layer_name(model, layer: str) -> str:
   """The canonical name of `layer` (aliases allowed); UnknownLayerError if there is none."""
-  from drig.models import layer_access  # pylint: disable=g-import-not-at-top
   names = list(layer_access.layer_names(model))
   try:
     return layer_access.canonical_layer_name(model, layer)

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drig import grading
 from drig.attribution.integration import AttributionArgumentError
 
-NUM_GRADES = 5
 SPACES = ("probability", "logit")
 
 
@@ -84,19 +84,19 @@ def _one_hot(grade: int, num_grades: int, name: str = "grade") -> np.ndarray:
 
 
 def probability_of_grade(logits_fn: Callable, grade: int, *,
-                         num_grades: int = NUM_GRADES) -> GradeQuantity:
+                         num_grades: int = grading.NUM_GRADES) -> GradeQuantity:
   """x -> softmax(logits_fn(x))[:, grade]: the poster's "predict outcome for stage k"."""
   return GradeQuantity(logits_fn, _one_hot(grade, num_grades), "probability")
 
 
 def logit_of_grade(logits_fn: Callable, grade: int, *,
-                   num_grades: int = NUM_GRADES) -> GradeQuantity:
+                   num_grades: int = grading.NUM_GRADES) -> GradeQuantity:
   """x -> logits_fn(x)[:, grade]."""
   return GradeQuantity(logits_fn, _one_hot(grade, num_grades), "logit")
 
 
 def grade_difference(logits_fn: Callable, grade_a: int, grade_b: int, *,
-                     space: str = "probability", num_grades: int = NUM_GRADES) -> GradeQuantity:
+                     space: str = "probability", num_grades: int = grading.NUM_GRADES) -> GradeQuantity:
   """x -> h_a(x) - h_b(x), h the probabilities (default) or logits."""
   weights = _one_hot(grade_a, num_grades, "grade_a") - _one_hot(grade_b, num_grades, "grade_b")
   return GradeQuantity(logits_fn, weights, space)

@@ -1,10 +1,7 @@
-"""Data sets by name: the lesion-type registry and prepared TFDS builders.
+"""Data sets by name: the registry of drig's TFDS builders, and preparing them.
 
-Lesion types. ``LESION_TYPES`` lists the lesions drig knows, in a fixed order,
-with a display colour for overlays and the matching IDRiD segmentation class
-where one exists. ``MASK_NAMES`` adds the anatomy drig scores like IDRiD does
-(the optic disc). The synthetic data set stores one mask per entry of
-``MASK_NAMES`` and analysis code iterates over the same names.
+The lesion vocabulary the builders share lives in ``drig.data.lesions``; only
+this registry imports the builder modules (when a data set is asked for).
 
 Builders. ``load_builder(name, data_dir=..., builder_config=...)`` returns a
 prepared ``tfds.core.DatasetBuilder`` in the ``array_record`` file format, so
@@ -19,92 +16,18 @@ has hidden the GPUs from TensorFlow.
 """
 
 import dataclasses
-import hashlib
 import importlib
-import json
 import os
-from typing import Any, Mapping
+import time
+from typing import Any
 
+import cv2
+import ml_collections
 import numpy as np
 
-# ---------------------------------------------------------------------------
-# Lesion-type registry.
-
-
-@dataclasses.dataclass(frozen=True)
-class LesionType:
-  """One kind of mask.
-
-  Attributes:
-    name: identifier used as the mask's feature key, e.g. ``"microaneurysm"``.
-    display_name: human-readable name for figures and reports.
-    colour: RGB display colour (uint8 triple) for overlays.
-    idrid_name: IDRiD's segmentation class for the same thing, or ``None``.
-    is_lesion: False for anatomy (the optic disc), which is scored like IDRiD
-      but is not evidence of retinopathy.
-  """
-  name: str
-  display_name: str
-  colour: tuple[int, int, int]
-  idrid_name: str | None = None
-  is_lesion: bool = True
-
-
-LESION_TYPES: tuple[LesionType, ...] = (
-    LesionType("microaneurysm", "microaneurysms", (255, 0, 255), "Microaneurysms"),
-    LesionType("haemorrhage", "haemorrhages", (230, 25, 75), "Haemorrhages"),
-    LesionType("hard_exudate", "hard exudates", (255, 225, 25), "Hard Exudates"),
-    LesionType("cotton_wool_spot", "cotton-wool spots (soft exudates)", (70, 240, 240),
-               "Soft Exudates"),
-    LesionType("venous_beading", "venous beading", (0, 130, 200)),
-    LesionType("neovascularisation", "neovascularisation", (60, 180, 75)),
-    LesionType("preretinal_haemorrhage", "preretinal haemorrhage", (245, 130, 48)),
-)
-ANATOMY_TYPES: tuple[LesionType, ...] = (
-    LesionType("optic_disc", "optic disc", (255, 255, 255), "Optic Disc", is_lesion=False),
-)
-LESION_NAMES: tuple[str, ...] = tuple(t.name for t in LESION_TYPES)
-MASK_TYPES: tuple[LesionType, ...] = LESION_TYPES + ANATOMY_TYPES
-MASK_NAMES: tuple[str, ...] = tuple(t.name for t in MASK_TYPES)
-MASK_COLOURS: dict[str, tuple[int, int, int]] = {t.name: t.colour for t in MASK_TYPES}
-_MASK_TYPES_BY_NAME = {t.name: t for t in MASK_TYPES}
-
-
-def mask_type(name: str) -> LesionType:
-  """Returns the registry entry of a lesion or anatomy mask by name."""
-  try:
-    return _MASK_TYPES_BY_NAME[name]
-  except KeyError:
-    raise KeyError(f"unknown mask type {name!r}; known: {', '.join(MASK_NAMES)}") from None
-
-
-def overlay_masks(image: np.ndarray, masks: Mapping[str, np.ndarray], *,
-                  alpha: float = 0.6, outline_only: bool = False) -> np.ndarray:
-  """Paints masks over an image in their registry colours.
-
-  Args:
-    image: uint8 ``[H, W, 3]`` RGB.
-    masks: name -> ``[H, W]`` or ``[H, W, 1]`` array; nonzero marks the type.
-      Names must be in ``MASK_NAMES``; later entries paint over earlier ones.
-    alpha: opacity of the paint.
-    outline_only: paint only each mask's one-pixel boundary (keeps the image
-      readable under large masks).
-
-  Returns:
-    uint8 ``[H, W, 3]``; the input is not modified.
-  """
-  out = image.astype(np.float32)
-  for name, mask in masks.items():
-    mask = np.asarray(mask).reshape(image.shape[:2]) > 0
-    if outline_only:
-      # A pixel is on the outline when it is in the mask but a 4-neighbour is not.
-      padded = np.pad(mask, 1)
-      interior = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
-      mask = mask & ~interior
-    colour = np.asarray(mask_type(name).colour, np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * colour
-  return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
+from drig import grading
+from drig.data import lesions
+from drig.data import tf_runtime
 
 # ---------------------------------------------------------------------------
 # Builders.
@@ -152,8 +75,8 @@ def synthetic_builder_config(base: str = "default", **overrides: Any):
   Returns:
     A ``drig.data.synthetic_fundus_builder.SyntheticFundusConfig``.
   """
-  from drig.data import tf_runtime  # pylint: disable=g-import-not-at-top
   tf_runtime.import_tensorflow()
+  # The builder module imports TFDS: only when a synthetic config is asked for.
   from drig.data import synthetic_fundus_builder as sfb  # pylint: disable=g-import-not-at-top
   return sfb.make_config(base, **overrides)
 
@@ -185,7 +108,6 @@ def load_builder(name: str, *, data_dir: str | os.PathLike | None = None,
     DatasetNotPreparedError: the data are missing and cannot or may not be
       generated here.
   """
-  from drig.data import tf_runtime  # pylint: disable=g-import-not-at-top
   tf_runtime.import_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -250,12 +172,6 @@ def load_builder_from_config(data_config, *, prepare: bool = True,
           f"data set {builder.info.full_name} has {shape[0]}x{shape[1]} images but the config asks"
           f" for image_size={image_size}; choose the builder config that matches")
   return builder
-
-
-def overrides_hash(overrides: Mapping[str, Any]) -> str:
-  """Short stable hash of a dict of config overrides (for custom config names)."""
-  text = json.dumps({k: overrides[k] for k in sorted(overrides)}, sort_keys=True, default=list)
-  return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def skip_decoding(builder, keep: tuple[str, ...] = ("label",)):
@@ -346,8 +262,6 @@ def preview_grid(examples, *, cell: int = 256) -> np.ndarray:
   Returns:
     uint8 RGB ``[rows * (cell + header), columns * cell, 3]``.
   """
-  import cv2  # pylint: disable=g-import-not-at-top
-
   def fit(image, interpolation):
     image = np.asarray(image)
     if image.ndim == 2:
@@ -366,12 +280,12 @@ def preview_grid(examples, *, cell: int = 256) -> np.ndarray:
     if masks:
       big = {k: cv2.resize(v.astype(np.uint8), (cell, cell), interpolation=cv2.INTER_NEAREST)
              for k, v in masks.items()}
-      panels.append(overlay_masks(panels[-1], big, alpha=0.9, outline_only=True))
+      panels.append(lesions.overlay_masks(panels[-1], big, alpha=0.9, outline_only=True))
     row = np.concatenate(panels, axis=1)
     bar = np.zeros((header, row.shape[1], 3), np.uint8)
     name = example.get("name", "")
     name = name.decode() if isinstance(name, bytes) else str(name)
-    present = [k for k, v in masks.items() if v.any() and mask_type(k).is_lesion]
+    present = [k for k, v in masks.items() if v.any() and lesions.mask_type(k).is_lesion]
     text = f"{name}  grade {int(example['label'])}  " + ", ".join(present)
     cv2.putText(bar, text[:120], (4, header - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
                 (255, 255, 255), 1, cv2.LINE_AA)
@@ -381,7 +295,7 @@ def preview_grid(examples, *, cell: int = 256) -> np.ndarray:
   # Legend: the mask colours, wrapped to the figure's width.
   width = rows[0].shape[1]
   lines, x = [[]], 4
-  for t in MASK_TYPES:
+  for t in lesions.MASK_TYPES:
     (text_width, _), _ = cv2.getTextSize(t.name, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
     if x + text_width > width - 4 and lines[-1]:
       lines.append([])
@@ -429,9 +343,6 @@ def prepare_data(config, *, workdir: str | os.PathLike, data_dir: str | None = N
   Returns:
     PrepareSummary.
   """
-  import time  # pylint: disable=g-import-not-at-top
-  import cv2  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
 
   data_config = config.data if "data" in config else config
   if data_dir:
@@ -460,7 +371,7 @@ def prepare_data(config, *, workdir: str | os.PathLike, data_dir: str | None = N
     grades[split] = np.fromiter((labels[i]["label"] for i in range(len(labels))), np.int64,
                                 len(labels))
     graded = grades[split][grades[split] >= 0]
-    counts[split] = np.bincount(graded, minlength=5).tolist()
+    counts[split] = np.bincount(graded, minlength=grading.NUM_GRADES).tolist()
     if len(graded) < len(grades[split]):
       ungraded[split] = int(len(grades[split]) - len(graded))
 

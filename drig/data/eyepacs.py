@@ -31,9 +31,12 @@ import os
 import warnings
 from typing import Any, Iterator, Mapping
 
+import cv2
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import diabetic_retinopathy_detection as tfds_dr
 
+from drig import grading
+from drig import preprocess
 from drig.data import generation
 
 NAME = "eyepacs"
@@ -41,7 +44,6 @@ BAD_IMAGE_REPORT = generation.BAD_IMAGE_REPORT
 TEST_LABELS_FILE = "retinopathy_solution.csv"
 TEST_LABELS_URL = tfds_dr._URL_TEST_LABELS  # pylint: disable=protected-access
 KAGGLE_URL = "https://www.kaggle.com/c/diabetic-retinopathy-detection/data"
-NUM_CLASSES = generation.NUM_GRADES
 
 _log = logging.getLogger(__name__)
 
@@ -156,7 +158,7 @@ class Eyepacs(generation.PhotographBuilder, tfds_dr.DiabeticRetinopathyDetection
             "name": tfds.features.Text(),  # Patient id and eye, e.g. "4_left".
             "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
             # 0 (no DR) to 4 (proliferative DR); -1 for the unlabelled sample split.
-            "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+            "label": tfds.features.ClassLabel(num_classes=grading.NUM_GRADES),
         }),
         supervised_keys=("image", "label"),
         homepage=KAGGLE_URL,
@@ -228,8 +230,8 @@ def _read_split_entries(images_dir_path, csv_path, csv_usage) -> list[tuple[str,
         level = int(row["level"])
       except ValueError:
         raise ValueError(f"{csv_path}:{line}: level {row['level']!r} is not an integer") from None
-      if not 0 <= level < NUM_CLASSES:
-        raise ValueError(f"{csv_path}:{line}: level {level} is not a grade 0-{NUM_CLASSES - 1}")
+      if not 0 <= level < grading.NUM_GRADES:
+        raise ValueError(f"{csv_path}:{line}: level {level} is not a grade 0-{grading.NUM_GRADES - 1}")
       entries.append((row["image"], level))
   if csv_usage and not entries:
     raise ValueError(f"{csv_path}: no rows with Usage == {csv_usage!r}")
@@ -260,10 +262,8 @@ def jpeg_problem(data: bytes) -> str | None:
 def _process_photograph(job) -> tuple[bytes | None, str | None, list[str]]:
   """Preprocesses one photograph: (PNG bytes, None, warnings) or (None, problem, warnings).
 
-  Runs in worker processes: imports are local and all errors are returned.
+  Runs in worker processes: every error is returned, never raised.
   """
-  import cv2  # pylint: disable=g-import-not-at-top
-  from drig import preprocess  # pylint: disable=g-import-not-at-top
   path, size, options = job
   messages = []
   try:

@@ -1,6 +1,7 @@
 """What drig's TFDS builders share while generating a data set.
 
 * :func:`init_worker`: the initializer of generation worker processes.
+* :func:`overrides_hash`: the name of a builder config with custom fields.
 * :func:`fundus_features`: the features of fundus data sets with lesion masks
   (synthetic_fundus, IDRiD).
 * :class:`ManualDownloadError`, :func:`check_manual_dir_exists`: a missing manual
@@ -14,21 +15,25 @@
 """
 
 import concurrent.futures
+import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import sys
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
+import cv2
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from drig.data import datasets
+from drig import grading
+from drig import runtime
+from drig.data import lesions
+from drig.data import tf_runtime
 
 BAD_IMAGE_REPORT = "bad_images.json"
-NUM_GRADES = 5  # DR grades 0 (none) to 4 (proliferative)
 
 _log = logging.getLogger(__name__)
 
@@ -39,11 +44,15 @@ def init_worker(keep_freed_memory: bool = True):
   ``keep_freed_memory``: glibc keeps freed buffers for the next photograph
   (``runtime.keep_freed_memory``: about 10% more photographs/s per worker).
   """
-  import cv2  # pylint: disable=g-import-not-at-top
-  from drig import runtime  # pylint: disable=g-import-not-at-top
   cv2.setNumThreads(1)
   if keep_freed_memory:
     runtime.keep_freed_memory()
+
+
+def overrides_hash(overrides: Mapping[str, Any]) -> str:
+  """Short stable hash of a dict of config overrides (for custom config names)."""
+  text = json.dumps({k: overrides[k] for k in sorted(overrides)}, sort_keys=True, default=list)
+  return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def fundus_features(size: int, photo_size: int, **extra) -> tfds.features.FeaturesDict:
@@ -51,18 +60,18 @@ def fundus_features(size: int, photo_size: int, **extra) -> tfds.features.Featur
 
   ``name``, ``label`` (``extra`` may redefine it), ``image`` (the preprocessed
   ``size`` x ``size`` network input, PNG), ``photo`` (the photograph, JPEG) and one
-  boolean ``size`` x ``size`` mask per lesion type (``datasets.MASK_NAMES``), then
+  boolean ``size`` x ``size`` mask per lesion type (``lesions.MASK_NAMES``), then
   ``extra``.
   """
   return tfds.features.FeaturesDict({
       "name": tfds.features.Text(),
-      "label": tfds.features.ClassLabel(num_classes=NUM_GRADES),
+      "label": tfds.features.ClassLabel(num_classes=grading.NUM_GRADES),
       "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
       "photo": tfds.features.Image(shape=(photo_size, photo_size, 3), encoding_format="jpeg"),
       "masks": tfds.features.FeaturesDict({
           name: tfds.features.Tensor(shape=(size, size), dtype=np.bool_,
                                      encoding=tfds.features.Encoding.ZLIB)
-          for name in datasets.MASK_NAMES}),
+          for name in lesions.MASK_NAMES}),
       **extra,
   })
 
@@ -131,7 +140,6 @@ class PhotographBuilder(SourceFileCodePath, tfds.core.GeneratorBasedBuilder):
       **kwargs: ``tfds.core.DatasetBuilder`` arguments (``data_dir``,
         ``config``, ``file_format``, ...).
     """
-    from drig.data import tf_runtime  # pylint: disable=g-import-not-at-top
     tf_runtime.import_tensorflow()
     self._num_workers = os.cpu_count() if num_workers is None else int(num_workers)
     self._reports: dict[str, dict[str, Any]] = {}

@@ -1,5 +1,7 @@
 """IDRiD (Indian Diabetic Retinopathy Image Dataset) through TFDS, from a manual download.
 
+One concept: the IDRiD data set (its archives, masks, grades and TFDS builder).
+
 The TFDS builder ``idrid`` reads the official archives, unpacked as they come,
 and preprocesses every photograph with ``drig.preprocess`` at generation, like
 ``drig.data.eyepacs``. Two tasks, each a family of configs ``<task>-<size>``:
@@ -28,7 +30,7 @@ conventions so analysis code treats both alike:
   framing as ``image`` (``rescale_to_retina`` with the same geometry) but not
   otherwise processed; for figures.
 * ``masks``: FeaturesDict of bool ``[S, S]`` zlib Tensors keyed by
-  ``drig.data.datasets.MASK_NAMES``. Each IDRiD mask (full resolution .tif) is
+  ``drig.data.lesions.MASK_NAMES``. Each IDRiD mask (full resolution .tif) is
   warped with the same retina geometry as ``image`` by area averaging, and a
   pixel is True when more than ``mask_threshold`` (default 0: any) of it is
   covered, i.e. max-pooling, so that 1-3 px microaneurysms survive the ~14x
@@ -65,15 +67,18 @@ import re
 import warnings
 from typing import Any, Iterator, Mapping
 
+import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
-from drig.data import datasets
+from drig import grading
+from drig import preprocess
+from drig.data import eyepacs
 from drig.data import generation
+from drig.data import lesions
 
 NAME = "idrid"
 BAD_IMAGE_REPORT = generation.BAD_IMAGE_REPORT
-NUM_CLASSES = generation.NUM_GRADES
 NUM_MACULAR_EDEMA_GRADES = 3
 TASKS = ("segmentation", "grading")
 HOMEPAGE = "https://ieee-dataport.org/open-access/indian-diabetic-retinopathy-image-dataset-idrid"
@@ -348,7 +353,7 @@ def read_grades(csv_path: str) -> tuple[list[tuple[str, int, int]], list[dict[st
         problems.append({"name": "", "line": line, "problem": f"{csv_path}:{line}: no image name"})
         continue
       grades = []
-      for col, column, count in ((grade_col, GRADE_COLUMN, NUM_CLASSES),
+      for col, column, count in ((grade_col, GRADE_COLUMN, grading.NUM_GRADES),
                                  (edema_col, EDEMA_COLUMN, NUM_MACULAR_EDEMA_GRADES)):
         text = cells[col].strip()
         grades.append(int(text) if re.fullmatch(r"\d+", text) and int(text) < count else None)
@@ -412,8 +417,6 @@ def warp_mask(mask: np.ndarray, geometry, *, size: int, threshold: float = 0.0,
   Returns:
     bool ``[size, size]``.
   """
-  import cv2  # pylint: disable=g-import-not-at-top
-  from drig import preprocess  # pylint: disable=g-import-not-at-top
   if radius_fraction is None:
     radius_fraction = preprocess.DEFAULT_RADIUS_FRACTION
   coverage = preprocess.rescale_to_retina(
@@ -424,7 +427,6 @@ def warp_mask(mask: np.ndarray, geometry, *, size: int, threshold: float = 0.0,
 
 
 def _read_mask(path: str) -> np.ndarray:
-  import cv2  # pylint: disable=g-import-not-at-top
   if not os.path.getsize(path):
     raise ValueError("empty file")
   mask = cv2.imread(path, cv2.IMREAD_UNCHANGED)
@@ -445,9 +447,6 @@ def process_entry(job: tuple[Entry, "IdridConfig"]) -> dict[str, Any]:
     unusable), ``problem`` (why, or None), ``warnings`` (list of str) and
     ``masks`` (mask name -> ``"ok"``, ``"missing"`` or a problem).
   """
-  import cv2  # pylint: disable=g-import-not-at-top
-  from drig import preprocess  # pylint: disable=g-import-not-at-top
-  from drig.data import eyepacs  # pylint: disable=g-import-not-at-top
   entry, config = job
   result = {"example": None, "problem": None, "warnings": [], "masks": {}}
   options = dict(config.preprocess_options)
@@ -480,8 +479,8 @@ def process_entry(job: tuple[Entry, "IdridConfig"]) -> dict[str, Any]:
 
   photo = preprocess.rescale_to_retina(decoded, geometry, size=config.photo_size, fill=0,
                                        warn=False)
-  masks = {name: np.zeros((size, size), bool) for name in datasets.MASK_NAMES}
-  annotated = {name: False for name in datasets.MASK_NAMES}
+  masks = {name: np.zeros((size, size), bool) for name in lesions.MASK_NAMES}
+  annotated = {name: False for name in lesions.MASK_NAMES}
   for mask_name, mask_path in entry.mask_paths:
     if mask_path is None:
       result["masks"][mask_name] = "missing"
@@ -566,7 +565,7 @@ def make_config(task: str = "segmentation", size: int = 256, *, photo_size: int 
             "missing_mask_means_absent": missing_mask_means_absent}
   extra = {k: v for k, v in chosen.items() if v != defaults[k]}
   extra.update(options)
-  name = f"{task}-{size}" + (f"-{datasets.overrides_hash(extra)}" if extra else "")
+  name = f"{task}-{size}" + (f"-{generation.overrides_hash(extra)}" if extra else "")
   part = SEGMENTATION_PART if task == "segmentation" else GRADING_PART
   description = (f"IDRiD part \"{part}\", drig preprocessing at {size} px"
                  + (f" with {extra}" if extra else "") + ".")
@@ -618,7 +617,7 @@ class Idrid(generation.PhotographBuilder):
             macular_edema=tfds.features.ClassLabel(num_classes=NUM_MACULAR_EDEMA_GRADES),
             annotated=tfds.features.FeaturesDict({
                 name: tfds.features.Tensor(shape=(), dtype=np.bool_)
-                for name in datasets.MASK_NAMES})),
+                for name in lesions.MASK_NAMES})),
         supervised_keys=("image", "label"),
         homepage=HOMEPAGE,
         citation=_CITATION,

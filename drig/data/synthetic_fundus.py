@@ -1,8 +1,10 @@
 """Procedural fundus photographs with exact per-lesion masks (numpy + OpenCV only).
 
+One concept: the renderer of a synthetic fundus photograph and its masks.
+
 ``render_fundus(seed, grade)`` draws a camera-style colour fundus photograph of
 diabetic-retinopathy grade 0-4 and returns it with one boolean mask per lesion
-type (``drig.data.datasets.LESION_NAMES``) and the optic disc. What is drawn:
+type (``drig.data.lesions.LESION_NAMES``) and the optic disc. What is drawn:
 
 * the camera: an orange-red retina disc on black, of varied radius and offset,
   cut at the top and bottom in some photographs (a horizontal field stop), with
@@ -57,11 +59,12 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from drig.data import datasets
+from drig import grading
+from drig import preprocess
+from drig.data import lesions
 
-NUM_GRADES = 5
-LESION_NAMES = datasets.LESION_NAMES
-MASK_NAMES = datasets.MASK_NAMES
+LESION_NAMES = lesions.LESION_NAMES
+MASK_NAMES = lesions.MASK_NAMES
 
 # Kaggle/EyePACS training-set grade counts; normalised, the default class mix.
 KAGGLE_TRAIN_COUNTS = (25810, 2443, 5292, 873, 708)
@@ -737,7 +740,7 @@ def render_fundus(rng_or_seed, grade: int, *, size: int = 512, **options: Any
   """
   opts = RenderOptions(**options)
   grade = int(grade)
-  if not 0 <= grade < NUM_GRADES:
+  if not 0 <= grade < grading.NUM_GRADES:
     raise ValueError(f"grade must be 0-4, got {grade}")
   if size < 32:
     raise ValueError(f"size must be at least 32 px, got {size}")
@@ -972,7 +975,6 @@ def make_example(spec: ExampleSpec, split: str, index: int, grade: int, *,
     dict with ``name`` (str), ``label`` (int), ``image``, ``photo`` (JPEG
     bytes) and ``masks`` (``MASK_NAMES`` -> bool ``[S, S]``).
   """
-  from drig import preprocess  # pylint: disable=g-import-not-at-top
 
   seq = example_seed(spec.seed, split, index)
   render_seq, jpeg_seq = seq.spawn(2)

@@ -17,7 +17,7 @@ Features of one example (S = ``image_size``, P = ``photo_size``):
   from OpenCV's decoding of these bytes; TensorFlow's JPEG decoder may differ
   by a level or two in some pixels.
 * ``masks``: FeaturesDict with one bool ``[S, S]`` Tensor per
-  ``drig.data.datasets.MASK_NAMES`` (the seven lesion types and
+  ``drig.data.lesions.MASK_NAMES`` (the seven lesion types and
   ``optic_disc``), stored as zlib-compressed bytes (TFDS's
   ``Tensor(encoding="zlib")``; an empty mask takes ~100 bytes). True marks the
   pixels of ``image`` covered by that type. Each mask went through the same
@@ -55,7 +55,6 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from drig.data import datasets
 from drig.data import generation
 from drig.data import synthetic_fundus
 
@@ -152,7 +151,7 @@ def make_config(base: str = "default", **overrides: Any) -> SyntheticFundusConfi
   for key in ("class_weights", "jpeg_quality", "render_options", "preprocess_options"):
     if key in overrides:
       overrides[key] = tuple(tuple(v) if isinstance(v, list) else v for v in overrides[key])
-  name = f"{base}-{datasets.overrides_hash(overrides)}"
+  name = f"{base}-{generation.overrides_hash(overrides)}"
   return dataclasses.replace(configs[base], name=name,
                              description=f"{base} with {overrides}", **overrides)
 
