@@ -1,6 +1,6 @@
 r"""Pixel IG on an accelerator: images/s and model-FLOP utilisation, float32 and bfloat16.
 
-Issue 4's accelerator check, as one prepared run: Inception-v3 (5 grades, random
+The accelerator check, as one prepared run: Inception-v3 (5 grades, random
 weights: the speed does not depend on them), ``--batch`` images of ``--size`` px,
 ``--steps`` riemann_right steps, for each of ``--dtypes`` (the model's computation
 dtype; sums accumulate in float32 either way). It prints, per dtype:
@@ -25,6 +25,12 @@ import time
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
+
+from drig import attribution
+from drig import grading
+from drig.models.inception_v3 import InceptionV3
 
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Model computation dtypes.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Images per call.")
@@ -49,7 +55,6 @@ PEAK_TFLOPS = {
     "tpu v5p": {"bfloat16": 459.0, "float32": 459.0},
     "tpu v6 lite": {"bfloat16": 918.0, "float32": 918.0},
 }
-NUM_GRADES = 5
 GRADE = 4
 
 
@@ -66,8 +71,6 @@ def chip_peak(device_kind: str, dtype: str) -> float | None:
 
 def matmul_rate(dtype, n: int) -> float:
   """Best FLOP/s of an n x n x n matrix product in ``dtype`` on the default device."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   product = jax.jit(lambda u: u @ u)
   product(a).block_until_ready()
@@ -81,8 +84,6 @@ def matmul_rate(dtype, n: int) -> float:
 
 def flops_per_point(quantity, x) -> float:
   """XLA's FLOP count of one forward + input-gradient pass, per image."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   gradient = jax.jit(jax.grad(lambda z: jnp.sum(quantity(z))))
   cost = gradient.lower(x).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -91,12 +92,8 @@ def flops_per_point(quantity, x) -> float:
 
 def run_dtype(dtype_name: str) -> dict:
   """Times pixel IG with the model computing in ``dtype_name``."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from drig import attribution  # pylint: disable=g-import-not-at-top
-  from drig.models.inception_v3 import InceptionV3  # pylint: disable=g-import-not-at-top
   dtype = jnp.dtype(dtype_name)
-  model = InceptionV3(num_classes=NUM_GRADES, dtype=dtype)
+  model = InceptionV3(num_classes=grading.NUM_GRADES, dtype=dtype)
   x = jax.random.uniform(jax.random.key(1), (_BATCH.value, _SIZE.value, _SIZE.value, 3),
                          jnp.float32, -1.0, 1.0)
   variables = jax.jit(model.init)(jax.random.key(0), x[:1])
@@ -138,7 +135,6 @@ def run_dtype(dtype_name: str) -> dict:
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=g-import-not-at-top
   print(f"devices: {jax.devices()}", flush=True)
   results = []
   for dtype_name in _DTYPES.value:

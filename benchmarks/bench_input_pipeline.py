@@ -12,7 +12,7 @@ is shared, so only same-run comparisons mean anything):
 2. Label index over ``--num_records`` records (default: Kaggle's 35,126 training
    images) of a data set holding 256 px PNGs like those of (1):
      full decoding of every record (timed on a prefix, alternated with the next,
-     then extrapolated), ``input_pipeline.load_labels`` without cache (raw
+     then extrapolated), ``drig.input.labels.load_labels`` without cache (raw
      records, labels parsed from the protos) and with its ``.npy`` cache.
 3. ``input_pipeline.train_iterator`` throughput in images/s, batch 32, with 1
    and 2 decoder threads, alternated.
@@ -36,6 +36,8 @@ import numpy as np
 
 from drig import input_pipeline
 from drig import preprocess
+from drig.data import tf_runtime
+from drig.input import labels as labels_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_preprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -70,6 +72,7 @@ def psnr(a, b):
 
 
 def storage_decision(tmp, args):
+  # Lazy: TFDS is heavy and must follow main()'s tf_runtime.import_tensorflow().
   from drig.data import eyepacs  # pylint: disable=g-import-not-at-top
   print(f"== 1. preprocess once at generation vs on the fly ({args.num_photos} photographs)")
   start = time.perf_counter()
@@ -129,6 +132,7 @@ def storage_decision(tmp, args):
 
 def synthetic_store(tmp, stored, args):
   """A TFDS array_record data set of ``num_records`` 256 px PNGs with Kaggle's grade mix."""
+  # Lazy: TFDS is heavy and must follow main()'s tf_runtime.import_tensorflow().
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   pool = []
   for image in stored:
@@ -178,20 +182,20 @@ def label_index(builder, args):
     full.append((time.perf_counter() - start) / chunk)
     sub = _Prefix(source, lo + chunk, lo + 2 * chunk)
     start = time.perf_counter()
-    input_pipeline._tfds_labels(sub, "label")  # pylint: disable=protected-access
+    labels_lib._tfds_labels(sub, "label")  # pylint: disable=protected-access
     proto.append((time.perf_counter() - start) / chunk)
   print(f"full record decoding: {1e3 * statistics.mean(full):.2f} ms/record -> "
         f"{n * statistics.mean(full):.1f} s for {n} (extrapolated)")
   print(f"labels from raw protos: {1e3 * statistics.mean(proto):.3f} ms/record")
   for f in os.listdir(builder.data_dir):
-    if f.startswith(input_pipeline.LABEL_CACHE_PREFIX):
+    if f.startswith(labels_lib.LABEL_CACHE_PREFIX):
       os.remove(os.path.join(builder.data_dir, f))
   start = time.perf_counter()
-  labels = input_pipeline.load_labels(source)
+  labels = labels_lib.load_labels(source)
   print(f"load_labels, no cache (reads all {n} records, writes the cache): "
         f"{time.perf_counter() - start:.2f} s")
   start = time.perf_counter()
-  cached = input_pipeline.load_labels(source)
+  cached = labels_lib.load_labels(source)
   print(f"load_labels, cached .npy: {1e3 * (time.perf_counter() - start):.2f} ms")
   assert np.array_equal(labels, cached)
   return labels
@@ -248,7 +252,6 @@ def main():
   parser.add_argument("--workdir", default=None, help="keep files here (default: temp)")
   args = parser.parse_args()
   logging.getLogger().setLevel(logging.WARNING)
-  from drig.data import tf_runtime  # pylint: disable=g-import-not-at-top
   tf_runtime.import_tensorflow()
   with tempfile.TemporaryDirectory() as tmp:
     tmp = args.workdir or tmp

@@ -78,6 +78,7 @@ def timed(fn, iters: int) -> float:
 
 def random_flax_variables(model, size):
   """He-scaled random variables built with numpy (no initialiser compilation)."""
+  # Lazy: after main() sets XLA_FLAGS, which JAX reads at import.
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
@@ -95,6 +96,7 @@ def random_flax_variables(model, size):
 
 
 def make_drig():
+  # Lazy: after main() sets XLA_FLAGS, which JAX reads at import.
   import jax  # pylint: disable=g-import-not-at-top
   from drig.models import inception_v3  # pylint: disable=g-import-not-at-top
   model = inception_v3.InceptionV3(num_classes=1000)
@@ -118,6 +120,7 @@ def make_drig():
 
 
 def make_torch(threads):
+  # Lazy: torch is optional and slow to import.
   import torch  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
   if threads:
@@ -154,6 +157,7 @@ def make_torch(threads):
 
 
 def make_keras():
+  # Lazy: after main() sets XLA_FLAGS and KERAS_BACKEND, which they read at import.
   import jax  # pylint: disable=g-import-not-at-top
   import keras  # pylint: disable=g-import-not-at-top
   if keras.backend.backend() != "jax":
@@ -193,12 +197,14 @@ def make_keras():
 
 def matmul_rates(n: int, iters: int = 5) -> dict[str, float]:
   """Best float32 n x n matmul GFLOP/s with PyTorch and JAX."""
+  # Lazy: after main() sets XLA_FLAGS, which JAX reads at import.
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   rates = {}
   a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
   flops = 2.0 * n ** 3
   try:
+    # Lazy: torch is optional and slow to import.
     import torch  # pylint: disable=g-import-not-at-top
     ta = torch.from_numpy(a)
     torch.mm(ta, ta)
@@ -219,6 +225,7 @@ def main(argv):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
   if "keras" in args.frameworks:
     os.environ.setdefault("KERAS_BACKEND", "jax")
+  # Lazy: after main() sets XLA_FLAGS, which JAX reads at import.
   import jax  # pylint: disable=g-import-not-at-top
 
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; "

@@ -25,13 +25,24 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from drig.models import classifier
+from drig.models import importer
+from drig.models import weight_files
+
+try:  # --help prints this docstring: add the configs' ARGS tables
+  import configs  # pylint: disable=g-import-not-at-top
+  __doc__ += "\n" + configs.arguments_help("model") + "\n"
+except ImportError:  # run from outside the repository, where configs/ is not importable
+  pass
+
 _SOURCE = flags.DEFINE_enum("source", None, ["keras_h5", "keras3", "torchvision", "drig"],
                             "Format of --input.")
 _INPUT = flags.DEFINE_string("input", None, "Weight file (or drig checkpoint directory).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory of the drig checkpoint to write.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Optional config file[:arg] whose `model` section is the target model.",
+    "config", None,
+    "Optional config file[:ARG] whose `model` section is the target model; ARGs above.",
     lock_config=True)
 flags.mark_flags_as_required(["source", "input", "output"])
 
@@ -42,8 +53,6 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # orbax logs every step of a save at INFO; the report below says what matters.
     logging.set_verbosity(logging.WARNING)
-  from drig.models import classifier  # pylint: disable=g-import-not-at-top
-  from drig.models import importer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   model = None if config is None else classifier.build_model(config.model)
   try:
@@ -51,7 +60,7 @@ def main(argv):
         _SOURCE.value, _INPUT.value, _OUTPUT.value, model=model,
         convention=None if config is None else config.model.get("convention", None),
         seed=0 if config is None else config.get("seed", 0), overwrite=_OVERWRITE.value)
-  except (importer.WeightImportError, FileExistsError) as e:
+  except (weight_files.WeightImportError, FileExistsError) as e:
     print(f"import_weights: {e}", file=sys.stderr)
     sys.exit(1)
   print(report)

@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 import helpers  # tests/helpers.py: this script's folder is on sys.path
 
 
@@ -52,6 +54,7 @@ def main(argv):
     os.environ["DRIG_PROCESS_ID"] = str(args.process_id)
     distributed = "auto"  # must detect the coordinator variables by itself
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  # Everything that imports jax is imported only now, after the environment above.
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   from drig import runtime  # pylint: disable=g-import-not-at-top
@@ -59,7 +62,6 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   if args.x64:
     jax.config.update("jax_enable_x64", True)
-  import numpy as np  # pylint: disable=g-import-not-at-top
   assert jax.process_count() == args.num_processes, jax.process_count()
   assert jax.process_index() == args.process_id, jax.process_index()
   assert jax.local_device_count() == args.local_devices, jax.local_devices()
@@ -77,8 +79,8 @@ def main(argv):
     np.savez(os.path.join(args.out, f"variables_{args.process_id}.npz"), **arrays)
     summary = {"step": int(result.state.step), "process_count": jax.process_count(),
                "device_count": jax.device_count(),
-               "mesh_device_ids": [d.id for d in trainer.make_data_mesh().devices.flat],
-               "mesh_process_ids": [d.process_index for d in trainer.make_data_mesh().devices.flat],
+               "mesh_device_ids": [d.id for d in parallel.data_mesh().devices.flat],
+               "mesh_process_ids": [d.process_index for d in parallel.data_mesh().devices.flat],
                "validation": result.eval_metrics, "test": result.test_metrics}
   else:
     from configs import analyze  # pylint: disable=g-import-not-at-top

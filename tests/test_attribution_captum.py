@@ -259,7 +259,7 @@ def _apply_model(model, variables, x):
 
 @pytest.fixture(scope="module")
 def inception(tmp_path_factory):
-  from drig.models import importer  # pylint: disable=g-import-not-at-top
+  from drig.models import torch_weights  # pylint: disable=g-import-not-at-top
   from drig.models.inception_v3 import InceptionV3  # pylint: disable=g-import-not-at-top
   torch_model = torchvision_inception()
   path = tmp_path_factory.mktemp("inception") / "inception_v3.pth"
@@ -267,7 +267,7 @@ def inception(tmp_path_factory):
   x = smooth_images(1, INCEPTION_SIZE, 7).astype(np.float64)
   with jax.enable_x64(True):
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64),
-                                       importer.load_torchvision(str(path)))
+                                       torch_weights.load_torchvision(str(path)))
     model = InceptionV3(num_classes=NUM_GRADES, convention="torchvision", dtype=jnp.float64,
                         param_dtype=jnp.float64)
   # The models' equality is what every comparison below checks, end to end

@@ -14,6 +14,8 @@ import pytest
 from drig import input_pipeline
 from drig import preprocess
 from drig.data import eyepacs
+from drig.input import labels as labels_lib
+from drig.input import sampling
 
 SIZE = 64
 
@@ -166,20 +168,20 @@ def test_same_layout_as_the_tfds_reference_builder(built, manual_dir, tmp_path, 
 def test_label_index_of_the_tfds_source(built):
   source = built.as_data_source("train")
   full = np.array([int(source[i]["label"]) for i in range(len(source))])
-  np.testing.assert_array_equal(input_pipeline.load_labels(source), full)
+  np.testing.assert_array_equal(labels_lib.load_labels(source), full)
   cache = [f for f in os.listdir(built.data_dir)
-           if f.startswith(input_pipeline.LABEL_CACHE_PREFIX)]
-  assert cache == [f"{input_pipeline.LABEL_CACHE_PREFIX}-label-train.npy"]
+           if f.startswith(labels_lib.LABEL_CACHE_PREFIX)]
+  assert cache == [f"{labels_lib.LABEL_CACHE_PREFIX}-label-train.npy"]
   np.testing.assert_array_equal(np.load(os.path.join(built.data_dir, cache[0])), full)
-  np.testing.assert_array_equal(input_pipeline.load_labels(source), full)
+  np.testing.assert_array_equal(labels_lib.load_labels(source), full)
 
 
 def test_input_pipeline_reads_the_prepared_data_set(built):
   """Balanced batches from the real array_record source, read by several threads."""
   source = built.as_data_source("train")
-  labels = input_pipeline.load_labels(source)
+  labels = labels_lib.load_labels(source)
   proportions = (1, 1, 1, 1, 1)
-  sampler = input_pipeline.BalancedSampler(labels, 10, proportions, seed=3)
+  sampler = sampling.BalancedSampler(labels, 10, proportions, seed=3)
   it = input_pipeline.train_iterator(source, batch_size=10, proportions=proportions, seed=3,
                                      process_index=0, process_count=1, num_threads=4)
   for step in range(6):

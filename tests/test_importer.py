@@ -21,7 +21,9 @@ import shutil
 import subprocess
 import sys
 
+import h5py
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 PARITY_TOLERANCE = 1e-4  # of the largest absolute reference activation
@@ -53,7 +55,6 @@ def _write_legacy_h5(model, path: str, *, offset: int = 0) -> None:
   ``weight_names`` (``conv2d_1/kernel:0``, ...) and a dataset per weight at
   that path inside the group; trainable weights first, as Keras 2 stored them.
   """
-  import h5py  # pylint: disable=g-import-not-at-top
 
   def name(layer):
     official = _official_layer_name(layer.name)
@@ -74,6 +75,7 @@ def _write_legacy_h5(model, path: str, *, offset: int = 0) -> None:
 
 
 def _randomise_keras(model, rng) -> None:
+  # Lazy: only the Keras subprocess imports keras (its backend is set first).
   import keras  # pylint: disable=g-import-not-at-top
   for layer in model.layers:
     if isinstance(layer, keras.layers.Conv2D):
@@ -93,6 +95,7 @@ def _randomise_keras(model, rng) -> None:
 
 def make_keras_reference(out_dir: str) -> None:
   """Writes the Keras weight files, inputs and activations to ``out_dir``."""
+  # Lazy: only the Keras subprocess imports keras (its backend is set first).
   import keras  # pylint: disable=g-import-not-at-top
   assert keras.backend.backend() == "jax", keras.backend.backend()
   rng = np.random.default_rng(1234)
@@ -142,9 +145,13 @@ if __name__ == "__main__":
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from drig.models import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
 from drig.models import classifier  # pylint: disable=g-import-not-at-top,wrong-import-position
 from drig.models import importer  # pylint: disable=g-import-not-at-top,wrong-import-position
 from drig.models import inception_v3  # pylint: disable=g-import-not-at-top,wrong-import-position
+from drig.models import keras_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
+from drig.models import torch_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
+from drig.models import weight_files  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -172,6 +179,7 @@ def keras_ref(keras_process):
 
 
 def _randomise_torch(model, seed):
+  # Lazy: torch is a slow, test-only import.
   import torch  # pylint: disable=g-import-not-at-top
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
@@ -193,6 +201,7 @@ def _randomise_torch(model, seed):
 
 def _torch_reference(model, x_nhwc):
   """(logits, {block: activation NHWC}) of a torchvision Inception3 in eval mode."""
+  # Lazy: torch is a slow, test-only import.
   import torch  # pylint: disable=g-import-not-at-top
   acts = {}
   hooks = [getattr(model, name).register_forward_hook(
@@ -209,6 +218,7 @@ def _torch_reference(model, x_nhwc):
 
 @pytest.fixture(scope="module")
 def torch_ref(tmp_path_factory):
+  # Lazy: torch is a slow, test-only import.
   import torch  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
   from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
@@ -256,7 +266,7 @@ def assert_parity(actual: dict, reference: dict):
 
 
 def trees_equal(a, b) -> bool:
-  fa, fb = importer._flatten(a), importer._flatten(b)  # pylint: disable=protected-access
+  fa, fb = weight_files.flatten(a), weight_files.flatten(b)
   return fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
 
 
@@ -266,12 +276,12 @@ TV_TOP = inception_v3.InceptionV3(num_classes=1000, convention="torchvision")
 
 @pytest.fixture(scope="module")
 def keras_variables(keras_ref):
-  return importer.load_keras_h5(str(keras_ref[0] / "keras_top.h5"))
+  return keras_weights.load_keras_h5(str(keras_ref[0] / "keras_top.h5"))
 
 
 @pytest.fixture(scope="module")
 def tv_variables(torch_ref):
-  return importer.load_torchvision(str(torch_ref[0] / "tv.pth"))
+  return torch_weights.load_torchvision(str(torch_ref[0] / "tv.pth"))
 
 
 # --------------------------------------------------------------------------- #
@@ -324,12 +334,12 @@ def test_torchvision_weights_fail_under_keras_convention(torch_ref, tv_variables
 
 def test_safetensors_equal_pth(torch_ref, tv_variables):
   out, _, _ = torch_ref
-  assert trees_equal(importer.load_torchvision(str(out / "tv.safetensors")), tv_variables)
+  assert trees_equal(torch_weights.load_torchvision(str(out / "tv.safetensors")), tv_variables)
 
 
 def test_torchvision_aux_head_is_ignored_and_reported(torch_ref):
   out, _, _ = torch_ref
-  weights = importer.read_torchvision(str(out / "tv.pth"))
+  weights = torch_weights.read_torchvision(str(out / "tv.pth"))
   assert weights.num_classes == 1000
   assert any(n.startswith("AuxLogits.") for n in weights.ignored)
   assert all(n.startswith("AuxLogits.") or n.endswith("num_batches_tracked")
@@ -404,7 +414,7 @@ def test_keras_weights_fail_under_torchvision_convention(keras_ref, keras_variab
 
 def test_keras3_weights_equal_legacy_import(keras_ref, keras_variables):
   out, _, _ = keras_ref
-  keras3 = importer.load_keras3_weights(str(out / "keras_top.weights.h5"))
+  keras3 = keras_weights.load_keras3_weights(str(out / "keras_top.weights.h5"))
   assert trees_equal(keras3, keras_variables)
 
 
@@ -412,15 +422,15 @@ def test_notop_files_give_the_base(keras_ref, keras_variables):
   out, _, _ = keras_ref
   base = {"params": {k: v for k, v in keras_variables["params"].items() if k != "fc"},
           "batch_stats": keras_variables["batch_stats"]}
-  weights = importer.read_keras_h5(str(out / "keras_notop.h5"))
+  weights = keras_weights.read_keras_h5(str(out / "keras_notop.h5"))
   assert weights.num_classes is None
   assert trees_equal(weights.variables, base)
-  assert trees_equal(importer.load_keras3_weights(str(out / "keras_notop.weights.h5")), base)
+  assert trees_equal(keras_weights.load_keras3_weights(str(out / "keras_notop.weights.h5")), base)
 
 
 def test_legacy_layer_numbering_offset_is_sorted_not_assumed(keras_ref, keras_variables):
   out, _, _ = keras_ref
-  assert trees_equal(importer.load_keras_h5(str(out / "keras_top_offset.h5")), keras_variables)
+  assert trees_equal(keras_weights.load_keras_h5(str(out / "keras_top_offset.h5")), keras_variables)
 
 
 def test_parameter_count_matches_keras(keras_ref, keras_variables):
@@ -438,7 +448,6 @@ def test_parameter_count_matches_keras(keras_ref, keras_variables):
 
 
 def test_wrong_architecture_keras(tmp_path):
-  import h5py  # pylint: disable=g-import-not-at-top
   path = tmp_path / "small.h5"
   with h5py.File(path, "w") as f:
     f.attrs["layer_names"] = np.array([b"conv2d_1", b"batch_normalization_1"])
@@ -448,19 +457,20 @@ def test_wrong_architecture_keras(tmp_path):
     g = f.create_group("batch_normalization_1")
     g.attrs["weight_names"] = np.array([b"batch_normalization_1/beta:0"])
     g.create_dataset("batch_normalization_1/beta:0", data=np.zeros(8, np.float32))
-  with pytest.raises(importer.WeightImportError, match=r"1 conv2d layers where Inception-v3 "
+  with pytest.raises(weight_files.WeightImportError, match=r"1 conv2d layers where Inception-v3 "
                      r"has 94") as info:
-    importer.load_keras_h5(str(path))
+    keras_weights.load_keras_h5(str(path))
   assert str(path) in str(info.value)
 
 
 def test_wrong_architecture_torchvision(tmp_path):
+  # Lazy: torch is a slow, test-only import.
   import torch  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
   path = tmp_path / "resnet18.pth"
   torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-  with pytest.raises(importer.WeightImportError) as info:
-    importer.load_torchvision(str(path))
+  with pytest.raises(weight_files.WeightImportError) as info:
+    torch_weights.load_torchvision(str(path))
   message = str(info.value)
   assert str(path) in message and "missing (" in message and "unexpected (" in message
   assert any(m.startswith("Conv2d_1a_3x3.conv.weight (->") for m in info.value.missing)
@@ -475,12 +485,12 @@ def _truncate(src, dst, fraction=0.5):
 
 
 @pytest.mark.parametrize("name,loader", [
-    ("keras_top.h5", importer.load_keras_h5),
-    ("keras_top.weights.h5", importer.load_keras3_weights)])
+    ("keras_top.h5", keras_weights.load_keras_h5),
+    ("keras_top.weights.h5", keras_weights.load_keras3_weights)])
 def test_truncated_keras_files(keras_ref, tmp_path, name, loader):
   path = tmp_path / name
   _truncate(keras_ref[0] / name, path)
-  with pytest.raises(importer.WeightImportError, match=re.escape(str(path))):
+  with pytest.raises(weight_files.WeightImportError, match=re.escape(str(path))):
     loader(str(path))
 
 
@@ -488,8 +498,8 @@ def test_truncated_keras_files(keras_ref, tmp_path, name, loader):
 def test_truncated_torchvision_files(torch_ref, tmp_path, name):
   path = tmp_path / name
   _truncate(torch_ref[0] / name, path)
-  with pytest.raises(importer.WeightImportError, match=re.escape(str(path))) as info:
-    importer.load_torchvision(str(path))
+  with pytest.raises(weight_files.WeightImportError, match=re.escape(str(path))) as info:
+    torch_weights.load_torchvision(str(path))
   assert "truncated" in str(info.value)
 
 
@@ -499,29 +509,30 @@ def test_wrong_formats(keras_ref, torch_ref, tmp_path):
   pth = str(torch_ref[0] / "tv.pth")
   legacy, keras3 = str(keras_ref[0] / "keras_top.h5"), str(keras_ref[0] / "keras_top.weights.h5")
   cases = [
-      (importer.load_keras_h5, str(text), "cannot be opened as an HDF5 file"),
-      (importer.load_keras_h5, pth, "PyTorch .pth file: use source 'torchvision'"),
-      (importer.load_keras_h5, keras3, "use source 'keras3'"),
-      (importer.load_keras3_weights, legacy, "use source 'keras_h5'"),
-      (importer.load_torchvision, legacy, "HDF5 file"),
-      (importer.load_torchvision, str(text), "not a PyTorch state dict"),
-      (importer.load_keras_h5, str(tmp_path / "absent.h5"), "no such file"),
+      (keras_weights.load_keras_h5, str(text), "cannot be opened as an HDF5 file"),
+      (keras_weights.load_keras_h5, pth, "PyTorch .pth file: use source 'torchvision'"),
+      (keras_weights.load_keras_h5, keras3, "use source 'keras3'"),
+      (keras_weights.load_keras3_weights, legacy, "use source 'keras_h5'"),
+      (torch_weights.load_torchvision, legacy, "HDF5 file"),
+      (torch_weights.load_torchvision, str(text), "not a PyTorch state dict"),
+      (keras_weights.load_keras_h5, str(tmp_path / "absent.h5"), "no such file"),
   ]
   for loader, path, fragment in cases:
-    with pytest.raises(importer.WeightImportError) as info:
+    with pytest.raises(weight_files.WeightImportError) as info:
       loader(path)
     assert path in str(info.value) and fragment in str(info.value), (loader, str(info.value))
 
 
 def test_missing_and_mismatched_torchvision_tensors(torch_ref, tmp_path):
+  # Lazy: torch is a slow, test-only import.
   import torch  # pylint: disable=g-import-not-at-top
   state = torch.load(torch_ref[0] / "tv.pth", weights_only=True)
   del state["Mixed_6e.branch_pool.bn.running_var"]
   state["Mixed_5b.branch1x1.conv.weight"] = torch.zeros(64, 192, 3, 3)
   path = tmp_path / "damaged.pth"
   torch.save(state, path)
-  with pytest.raises(importer.WeightImportError) as info:
-    importer.load_torchvision(str(path))
+  with pytest.raises(weight_files.WeightImportError) as info:
+    torch_weights.load_torchvision(str(path))
   err = info.value
   assert err.missing == ("Mixed_6e.branch_pool.bn.running_var "
                          "(-> batch_stats/Mixed_6e/branch_pool/bn/var)",)
@@ -531,18 +542,17 @@ def test_missing_and_mismatched_torchvision_tensors(torch_ref, tmp_path):
 
 
 def test_missing_keras_tensors(keras_ref, tmp_path):
-  import h5py  # pylint: disable=g-import-not-at-top
   legacy, keras3 = tmp_path / "legacy.h5", tmp_path / "k3.weights.h5"
   shutil.copy(keras_ref[0] / "keras_top.h5", legacy)
   shutil.copy(keras_ref[0] / "keras_top.weights.h5", keras3)
   with h5py.File(legacy, "a") as f:
     del f["batch_normalization_7"]["batch_normalization_7/moving_mean:0"]
-  with pytest.raises(importer.WeightImportError, match="batch_normalization_7/moving_mean:0"):
-    importer.load_keras_h5(str(legacy))
+  with pytest.raises(weight_files.WeightImportError, match="batch_normalization_7/moving_mean:0"):
+    keras_weights.load_keras_h5(str(legacy))
   with h5py.File(keras3, "a") as f:
     del f["layers/batch_normalization_8/vars/2"]
-  with pytest.raises(importer.WeightImportError) as info:
-    importer.load_keras3_weights(str(keras3))
+  with pytest.raises(weight_files.WeightImportError) as info:
+    keras_weights.load_keras3_weights(str(keras3))
   # conv2d_8 / batch_normalization_8 in Keras 3 numbering is Mixed_5b.branch1x1.
   assert info.value.missing == ("layers/batch_normalization_8/vars/2 "
                                 "(-> batch_stats/Mixed_5b/branch1x1/bn/var)",)
@@ -571,7 +581,7 @@ def fresh_classifier():
 
 def test_import_into_classifier_reports(keras_ref, keras_variables, fresh_classifier):
   fresh = fresh_classifier
-  weights = importer.read_keras_h5(str(keras_ref[0] / "keras_top.h5"))
+  weights = keras_weights.read_keras_h5(str(keras_ref[0] / "keras_top.h5"))
   variables, report = importer.import_into(fresh, weights, convention="keras")
   assert trees_equal(variables["params"]["base"],
                      {k: v for k, v in keras_variables["params"].items() if k != "fc"})
@@ -593,34 +603,33 @@ def test_import_into_classifier_reports(keras_ref, keras_variables, fresh_classi
 
 
 def test_import_refuses_misfits(keras_ref, fresh_classifier):
-  weights = importer.read_keras_h5(str(keras_ref[0] / "keras_notop.h5"))
+  weights = keras_weights.read_keras_h5(str(keras_ref[0] / "keras_notop.h5"))
   small = classifier.DRClassifier(width_multiplier=0.25)
   fresh = zeros_like(jax.eval_shape(small.init, jax.random.key(0), jnp.zeros((1, 75, 75, 3))))
-  with pytest.raises(importer.WeightImportError, match="shape mismatch"):
+  with pytest.raises(weight_files.WeightImportError, match="shape mismatch"):
     importer.import_into(fresh, weights, convention="keras")
-  with pytest.raises(importer.WeightImportError, match="model uses convention='torchvision'"):
+  with pytest.raises(weight_files.WeightImportError, match="model uses convention='torchvision'"):
     importer.import_into(fresh_classifier, weights, convention="torchvision")
   # Keras weights into a torchvision-convention classifier: its BN scales are missing.
   tv_classifier = dict(fresh_classifier, params=dict(
       fresh_classifier["params"], base=with_unit_bn_scale(
           {"params": fresh_classifier["params"]["base"], "batch_stats": {}})["params"]))
-  with pytest.raises(importer.WeightImportError, match=r"missing \(94\)"):
+  with pytest.raises(weight_files.WeightImportError, match=r"missing \(94\)"):
     importer.import_into(tv_classifier, weights)
   # A model with an ImageNet top needs the top from the file.
-  template = importer.inception_template("keras", 1000)
-  top = importer._unflatten(  # pylint: disable=protected-access
+  template = weight_files.inception_template("keras", 1000)
+  top = weight_files.unflatten(
       {k: jnp.zeros(s) for k, s in template.items()})
-  with pytest.raises(importer.WeightImportError, match=r"params/fc/kernel"):
+  with pytest.raises(weight_files.WeightImportError, match=r"params/fc/kernel"):
     importer.import_into(top, weights)
 
 
 def test_drig_checkpoint_roundtrip_and_training_layout(tmp_path, keras_variables):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = tmp_path / "plain"
-  importer.save_variables(str(path), keras_variables)
-  assert trees_equal(importer.load_drig_checkpoint(str(path)), keras_variables)
+  checkpoints.save_variables(str(path), keras_variables)
+  assert trees_equal(checkpoints.load_drig_checkpoint(str(path)), keras_variables)
   with pytest.raises(FileExistsError, match=re.escape(str(path))):
-    importer.save_variables(str(path), keras_variables)  # no silent overwrite
+    checkpoints.save_variables(str(path), keras_variables)  # no silent overwrite
   # The training loop's layout: CheckpointManager steps of a state with more fields.
   small = {"params": {"fc1": {"kernel": jnp.arange(6.0).reshape(2, 3)}},
            "batch_stats": {"Conv2d_1a_3x3": {"bn": {"mean": jnp.ones(4)}}}}
@@ -632,17 +641,17 @@ def test_drig_checkpoint_roundtrip_and_training_layout(tmp_path, keras_variables
   manager.wait_until_finished()
   manager.close()
   for where in ("run", "run/7", "run/7/default"):
-    weights = importer.read_drig_checkpoint(str(tmp_path / where))
+    weights = checkpoints.read_drig_checkpoint(str(tmp_path / where))
     assert trees_equal(weights.variables, small)
     assert set(weights.ignored) == {"step", "opt_state"}
     assert weights.path.endswith(os.path.join("7", "default"))
-  assert importer.read_drig_checkpoint(str(tmp_path / "run"), step=5).path.endswith("5/default")
-  with pytest.raises(importer.WeightImportError, match="no such checkpoint directory"):
-    importer.load_drig_checkpoint(str(tmp_path / "absent"))
+  assert checkpoints.read_drig_checkpoint(str(tmp_path / "run"), step=5).path.endswith("5/default")
+  with pytest.raises(weight_files.WeightImportError, match="no such checkpoint directory"):
+    checkpoints.load_drig_checkpoint(str(tmp_path / "absent"))
   (tmp_path / "other").mkdir()
   (tmp_path / "other" / "notes.txt").write_text("not a checkpoint")
-  with pytest.raises(importer.WeightImportError, match="not a drig"):
-    importer.load_drig_checkpoint(str(tmp_path / "other"))
+  with pytest.raises(weight_files.WeightImportError, match="not a drig"):
+    checkpoints.load_drig_checkpoint(str(tmp_path / "other"))
 
 
 def test_cli_converts_keras_h5_for_training(keras_ref, keras_variables, tmp_path):
@@ -655,7 +664,7 @@ def test_cli_converts_keras_h5_for_training(keras_ref, keras_variables, tmp_path
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "freshly initialised (6 arrays" in proc.stdout and "params/fc1/kernel" in proc.stdout
-  restored = importer.load_drig_checkpoint(str(out))
+  restored = checkpoints.load_drig_checkpoint(str(out))
   assert trees_equal(restored["params"]["base"],
                      {k: v for k, v in keras_variables["params"].items() if k != "fc"})
   assert trees_equal(restored["batch_stats"]["base"], keras_variables["batch_stats"])
@@ -671,10 +680,11 @@ def test_convert_without_model_writes_the_files_variables(keras_ref, keras_varia
   report = importer.convert_weights("keras3", str(keras_ref[0] / "keras_top.weights.h5"),
                                     str(tmp_path / "out"))
   assert not report.initialised and report.imported_values == 23_851_784
-  assert trees_equal(importer.load_drig_checkpoint(str(tmp_path / "out")), keras_variables)
+  assert trees_equal(checkpoints.load_drig_checkpoint(str(tmp_path / "out")), keras_variables)
 
 
 def _model_config():
+  # Lazy: configs/ is importable only with the repository root on sys.path.
   sys.path.insert(0, ROOT)
   try:
     from configs import model as model_config  # pylint: disable=g-import-not-at-top

@@ -51,12 +51,14 @@ def random_variables(model, seed=0, x=IMAGE):
 
 @pytest.fixture(scope="module")
 def torch_model():
+  # Lazy: torch is a slow, test-only import.
   import torchvision  # pylint: disable=g-import-not-at-top
   return torchvision.models.inception_v3(weights=None, aux_logits=False,
                                          init_weights=False).eval()
 
 
 def test_conv_units_are_torchvisions_in_order(torch_model):
+  # Lazy: torch is a slow, test-only import.
   import torchvision  # pylint: disable=g-import-not-at-top
   torch_units = [name for name, m in torch_model.named_modules()
                  if isinstance(m, torchvision.models.inception.BasicConv2d)]
@@ -88,6 +90,7 @@ def test_parameter_counts(torch_model):
 
 def test_activation_shapes_match_torchvision(torch_model):
   """At the smallest and an odd size (299 and 256 px: the parity tests)."""
+  # Lazy: torch is a slow, test-only import.
   import torch  # pylint: disable=g-import-not-at-top
   model = inception_v3.InceptionV3(num_classes=1000)
   variables = shapes_of(model)
@@ -137,6 +140,7 @@ def test_width_multiplier_scales_channels_only():
 def test_train_mode_batchnorm(convention):
   """A conv unit in training mode: batch statistics, and the running averages'
   update with Keras' momentum (0.99) or torch's (0.1, i.e. 0.9 in Flax's terms)."""
+  # Lazy: torch is a slow, test-only import.
   import torch  # pylint: disable=g-import-not-at-top
   torchvision_convention = convention == "torchvision"
   momentum = 0.9 if torchvision_convention else 0.99
@@ -233,6 +237,7 @@ def test_bfloat16_computation():
 
 
 def _model_configs():
+  # Lazy: configs/ is importable only with the repository root on sys.path.
   sys.path.insert(0, ROOT)
   try:
     from configs import model as model_config  # pylint: disable=g-import-not-at-top

@@ -6,7 +6,13 @@ import os
 import numpy as np
 import pytest
 
+from drig import grading
 from drig import input_pipeline as ip
+from drig import preprocess
+from drig.data import datasets
+from drig.input import augmentation
+from drig.input import labels as labels_lib
+from drig.input import sampling
 
 POSTER = (8, 1, 2, 1, 4)
 # Kaggle's training grade counts (25810 / 2443 / 5292 / 873 / 708), divided by 10.
@@ -53,10 +59,11 @@ def take(iterator, n):
 
 def test_class_counts_follow_the_poster():
   for k in (1, 2, 3):
-    np.testing.assert_array_equal(ip.class_counts(16 * k, POSTER), np.array([8, 1, 2, 1, 4]) * k)
+    np.testing.assert_array_equal(sampling.class_counts(16 * k, POSTER),
+                                  np.array([8, 1, 2, 1, 4]) * k)
   fractions = tuple(p / 16 for p in POSTER)
-  np.testing.assert_array_equal(ip.class_counts(32, fractions), [16, 2, 4, 2, 8])
-  np.testing.assert_array_equal(ip.class_counts(3, (1 / 3, 1 / 3, 1 / 3)), [1, 1, 1])
+  np.testing.assert_array_equal(sampling.class_counts(32, fractions), [16, 2, 4, 2, 8])
+  np.testing.assert_array_equal(sampling.class_counts(3, (1 / 3, 1 / 3, 1 / 3)), [1, 1, 1])
 
 
 @pytest.mark.parametrize("batch_size,proportions,message", [
@@ -71,18 +78,18 @@ def test_class_counts_follow_the_poster():
 ])
 def test_bad_configs_raise(batch_size, proportions, message):
   with pytest.raises(ip.InputPipelineError, match=message):
-    ip.class_counts(batch_size, proportions)
+    sampling.class_counts(batch_size, proportions)
 
 
 def test_sampler_rejects_bad_labels_and_empty_classes():
   with pytest.raises(ip.InputPipelineError, match="outside"):
-    ip.BalancedSampler(np.array([0, 1, 5]), 16, POSTER)
+    sampling.BalancedSampler(np.array([0, 1, 5]), 16, POSTER)
   with pytest.raises(ip.InputPipelineError, match="no examples"):
-    ip.BalancedSampler(np.array([0, 1, 2, 3]), 16, POSTER)  # no grade 4
+    sampling.BalancedSampler(np.array([0, 1, 2, 3]), 16, POSTER)  # no grade 4
   with pytest.raises(ip.InputPipelineError, match="seed"):
-    ip.BalancedSampler(np.arange(5), 16, POSTER, seed=-1)
+    sampling.BalancedSampler(np.arange(5), 16, POSTER, seed=-1)
   # A class with zero share needs no examples.
-  sampler = ip.BalancedSampler(np.array([0, 0, 2]), 4, (1, 0, 1))
+  sampler = sampling.BalancedSampler(np.array([0, 0, 2]), 4, (1, 0, 1))
   assert sorted(np.bincount(np.array([0, 0, 2])[sampler(0)], minlength=3)) == [0, 2, 2]
 
 
@@ -92,7 +99,7 @@ def test_sampler_rejects_bad_labels_and_empty_classes():
 
 def test_exact_class_counts_in_each_of_100_batches():
   labels = kaggle_like_labels()
-  sampler = ip.BalancedSampler(labels, 32, POSTER, seed=3)
+  sampler = sampling.BalancedSampler(labels, 32, POSTER, seed=3)
   for step in range(100):
     batch = sampler(step)
     assert batch.shape == (32,)
@@ -101,7 +108,7 @@ def test_exact_class_counts_in_each_of_100_batches():
 
 def test_each_class_is_read_in_epochs_without_replacement():
   labels = kaggle_like_labels()
-  sampler = ip.BalancedSampler(labels, 32, POSTER, seed=0)
+  sampler = sampling.BalancedSampler(labels, 32, POSTER, seed=0)
   seen = np.concatenate([sampler(s) for s in range(100)])
   counts = np.bincount(seen, minlength=len(labels))
   for c in range(5):
@@ -116,7 +123,7 @@ def test_each_class_is_read_in_epochs_without_replacement():
 
 def test_batches_are_shuffled_within_the_batch():
   labels = kaggle_like_labels()
-  sampler = ip.BalancedSampler(labels, 32, POSTER, seed=0)
+  sampler = sampling.BalancedSampler(labels, 32, POSTER, seed=0)
   for s in range(20):
     batch_labels = labels[sampler(s)]
     assert (np.diff(batch_labels) < 0).any(), "classes come in blocks"
@@ -126,7 +133,7 @@ def test_batches_are_shuffled_within_the_batch():
 
 def test_each_class_epoch_has_its_own_order():
   labels = np.array([0] * 4 + [1] * 4)
-  sampler = ip.BalancedSampler(labels, 2, (1, 1), seed=0)
+  sampler = sampling.BalancedSampler(labels, 2, (1, 1), seed=0)
   # One example of each class per batch: steps 4e..4e+3 read class epoch e in order.
   stream = np.array([[i for i in sampler(s) if labels[i] == 1][0] for s in range(32)])
   epochs = stream.reshape(8, 4)
@@ -136,9 +143,9 @@ def test_each_class_epoch_has_its_own_order():
 
 def test_sampler_is_deterministic_from_the_seed():
   labels = kaggle_like_labels()
-  a = [ip.BalancedSampler(labels, 32, POSTER, seed=5)(s) for s in range(10)]
-  b = [ip.balanced_batch_indices(labels, 32, POSTER, seed=5, step=s) for s in range(10)]
-  c = [ip.BalancedSampler(labels, 32, POSTER, seed=6)(s) for s in range(10)]
+  a = [sampling.BalancedSampler(labels, 32, POSTER, seed=5)(s) for s in range(10)]
+  b = [sampling.balanced_batch_indices(labels, 32, POSTER, seed=5, step=s) for s in range(10)]
+  c = [sampling.BalancedSampler(labels, 32, POSTER, seed=6)(s) for s in range(10)]
   for x, y, z in zip(a, b, c):
     np.testing.assert_array_equal(x, y)
     assert not np.array_equal(x, z)
@@ -146,9 +153,9 @@ def test_sampler_is_deterministic_from_the_seed():
 
 def test_resume_at_step_s_equals_continuing():
   labels = kaggle_like_labels()
-  continuing = ip.BalancedSampler(labels, 32, POSTER, seed=1)
+  continuing = sampling.BalancedSampler(labels, 32, POSTER, seed=1)
   stream = [continuing(s) for s in range(60)]
-  fresh = ip.BalancedSampler(labels, 32, POSTER, seed=1)
+  fresh = sampling.BalancedSampler(labels, 32, POSTER, seed=1)
   # Jump straight to step 57 (past several class epochs of grade 4) and go back.
   for s in (57, 58, 12, 0):
     np.testing.assert_array_equal(fresh(s), stream[s])
@@ -156,7 +163,7 @@ def test_resume_at_step_s_equals_continuing():
 
 def test_batch_larger_than_a_class_spans_several_class_epochs():
   labels = np.array([0] * 10 + [1] * 3)
-  sampler = ip.BalancedSampler(labels, 16, (1, 1), seed=0)
+  sampler = sampling.BalancedSampler(labels, 16, (1, 1), seed=0)
   batch = sampler(0)
   counts = np.bincount(batch, minlength=13)
   np.testing.assert_array_equal(np.bincount(labels[batch]), [8, 8])
@@ -173,7 +180,7 @@ def test_train_iterator_yields_balanced_uint8_batches():
   source = FakeSource(labels)
   batches = take(ip.train_iterator(source, batch_size=16, seed=0, process_index=0,
                                    process_count=1), 5)
-  sampler = ip.BalancedSampler(labels, 16, POSTER, seed=0)
+  sampler = sampling.BalancedSampler(labels, 16, POSTER, seed=0)
   for step, batch in enumerate(batches):
     assert set(batch) == {"image", "label"}
     assert batch["image"].shape == (16, 8, 8, 3) and batch["image"].dtype == np.uint8
@@ -212,7 +219,7 @@ def test_train_iterator_float32_output_is_model_input():
   f32 = take(ip.train_iterator(source, batch_size=16, process_index=0, process_count=1,
                                image_dtype=np.float32), 1)[0]
   assert f32["image"].dtype == np.float32
-  np.testing.assert_array_equal(f32["image"], ip.to_model_input(u8["image"]))
+  np.testing.assert_array_equal(f32["image"], grading.to_model_input(u8["image"]))
 
 
 def test_train_iterator_resumes_without_replaying():
@@ -274,9 +281,9 @@ def test_labels_are_read_from_the_source_when_not_given():
   labels = kaggle_like_labels()[:200]
   labels[:5] = [0, 1, 2, 3, 4]
   records = FakeSource(labels, expose_labels=False)
-  np.testing.assert_array_equal(ip.load_labels(records), labels)
+  np.testing.assert_array_equal(labels_lib.load_labels(records), labels)
   as_list = [records[i] for i in range(len(records))]
-  np.testing.assert_array_equal(ip.load_labels(as_list), labels)
+  np.testing.assert_array_equal(labels_lib.load_labels(as_list), labels)
   batch = take(ip.train_iterator(as_list, batch_size=16, process_index=0, process_count=1), 1)[0]
   np.testing.assert_array_equal(np.bincount(batch["label"], minlength=5), [8, 1, 2, 1, 4])
 
@@ -334,14 +341,16 @@ def test_augmentation_is_deterministic_and_shape_preserving():
   image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
   for options in ({"flip": True}, {"rotate": "90"}, {"rotate": True},
                   {"flip": True, "rotate": "any"}):
-    aug = ip.Augmentation.from_config(options)
-    a = ip.augment_image(image, aug, seed=1, step=2, row=3)
-    b = ip.augment_image(image, aug, seed=1, step=2, row=3)
+    aug = augmentation.Augmentation.from_config(options)
+    a = augmentation.augment_image(image, aug, seed=1, step=2, row=3)
+    b = augmentation.augment_image(image, aug, seed=1, step=2, row=3)
     assert a.shape == image.shape and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
-    outs = {ip.augment_image(image, aug, seed=1, step=2, row=r).tobytes() for r in range(16)}
+    outs = {augmentation.augment_image(image, aug, seed=1, step=2, row=r).tobytes()
+            for r in range(16)}
     assert len(outs) > 1  # rows get different draws
-  assert ip.augment_image(image, ip.Augmentation(), seed=1, step=2, row=3) is image
+  none = augmentation.Augmentation()
+  assert augmentation.augment_image(image, none, seed=1, step=2, row=3) is image
 
 
 def test_flips_and_quarter_turns_are_exact_dihedral_transforms():
@@ -350,11 +359,11 @@ def test_flips_and_quarter_turns_are_exact_dihedral_transforms():
               for f in (image, image[:, ::-1]) for k in range(4)}
   flips = {image.tobytes(), image[:, ::-1].tobytes(), image[::-1].tobytes(),
            image[::-1, ::-1].tobytes()}
-  flip = ip.Augmentation(flip=True)
-  quarter = ip.Augmentation(flip=True, rotate="90")
-  seen_flips = {ip.augment_image(image, flip, seed=0, step=0, row=r).tobytes()
+  flip = augmentation.Augmentation(flip=True)
+  quarter = augmentation.Augmentation(flip=True, rotate="90")
+  seen_flips = {augmentation.augment_image(image, flip, seed=0, step=0, row=r).tobytes()
                 for r in range(64)}
-  seen_dihedral = {ip.augment_image(image, quarter, seed=0, step=0, row=r).tobytes()
+  seen_dihedral = {augmentation.augment_image(image, quarter, seed=0, step=0, row=r).tobytes()
                    for r in range(256)}
   assert seen_flips == flips
   assert seen_dihedral == dihedral
@@ -363,23 +372,23 @@ def test_flips_and_quarter_turns_are_exact_dihedral_transforms():
 def test_arbitrary_rotation_matches_numpy_at_right_angles_and_fills_gray():
   image = np.random.default_rng(2).integers(0, 256, (20, 20, 3), dtype=np.uint8)
   for k in range(4):
-    np.testing.assert_allclose(ip.rotate_image(image, 90.0 * k), np.rot90(image, k), atol=1)
+    np.testing.assert_allclose(augmentation.rotate_image(image, 90.0 * k), np.rot90(image, k),
+                               atol=1)
   # A preprocessed retina: half gray outside the disc stays half gray under any rotation,
   # and the corners rotated in from outside the image are half gray too.
-  from drig import preprocess
   disc = preprocess.field_of_view(64)
   retina = np.full((64, 64, 3), 128, np.uint8)
   retina[disc] = np.random.default_rng(3).integers(0, 256, (disc.sum(), 3))
-  rotated = ip.rotate_image(retina, 33.0)
+  rotated = augmentation.rotate_image(retina, 33.0)
   ring = ~preprocess.field_of_view(64, 0.95)
   assert (rotated[ring] == 128).all()
 
 
 def test_bad_augmentation_options_raise():
   with pytest.raises(ip.InputPipelineError, match="unknown augmentation"):
-    ip.Augmentation.from_config({"flip": True, "rotation": True})
+    augmentation.Augmentation.from_config({"flip": True, "rotation": True})
   with pytest.raises(ip.InputPipelineError, match="rotate"):
-    ip.Augmentation(rotate="45")
+    augmentation.Augmentation(rotate="45")
 
 
 # ---------------------------------------------------------------------------
@@ -390,18 +399,18 @@ def test_to_model_input_matches_keras_preprocess_input():
   keras_inception = pytest.importorskip("keras.applications.inception_v3")
   x = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)[None]
   expected = keras_inception.preprocess_input(x.astype(np.float32))
-  np.testing.assert_allclose(ip.to_model_input(x), expected, rtol=0, atol=1e-6)
-  assert ip.to_model_input(x).dtype == np.float32
-  np.testing.assert_array_equal(ip.from_model_input(ip.to_model_input(x)), x)
-  assert ip.from_model_input(np.array([-3.0, 3.0])).tolist() == [0, 255]
+  np.testing.assert_allclose(grading.to_model_input(x), expected, rtol=0, atol=1e-6)
+  assert grading.to_model_input(x).dtype == np.float32
+  np.testing.assert_array_equal(grading.from_model_input(grading.to_model_input(x)), x)
+  assert grading.from_model_input(np.array([-3.0, 3.0])).tolist() == [0, 255]
 
 
 def test_model_input_conversion_works_on_jax_arrays_under_jit():
   jax = pytest.importorskip("jax")
   x = np.arange(256, dtype=np.uint8)
-  y = jax.jit(ip.to_model_input)(x)
-  np.testing.assert_allclose(np.asarray(y), ip.to_model_input(x), atol=1e-6)
-  np.testing.assert_array_equal(np.asarray(jax.jit(ip.from_model_input)(y)), x)
+  y = jax.jit(grading.to_model_input)(x)
+  np.testing.assert_allclose(np.asarray(y), grading.to_model_input(x), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(jax.jit(grading.from_model_input)(y)), x)
 
 
 # ---------------------------------------------------------------------------
@@ -410,7 +419,7 @@ def test_model_input_conversion_works_on_jax_arrays_under_jit():
 
 def _synthetic_builder(tmp_path):
   try:
-    from drig.data import datasets  # pylint: disable=g-import-not-at-top
+    # Lazy, to skip rather than fail without TensorFlow Datasets, which it imports.
     from drig.data import synthetic_fundus_builder  # noqa: F401 pylint: disable=unused-import
   except ImportError as e:
     pytest.skip(f"synthetic fundus builder not available: {e}")
@@ -420,12 +429,13 @@ def _synthetic_builder(tmp_path):
 def test_with_synthetic_tfds_source(tmp_path):
   builder = _synthetic_builder(tmp_path)
   source = builder.as_data_source("train")
-  labels = ip.load_labels(source)
+  labels = labels_lib.load_labels(source)
   reference = np.array([int(source[i]["label"]) for i in range(len(source))])
   np.testing.assert_array_equal(labels, reference)
-  cached = [f for f in os.listdir(builder.data_dir) if f.startswith(ip.LABEL_CACHE_PREFIX)]
+  cached = [f for f in os.listdir(builder.data_dir)
+            if f.startswith(labels_lib.LABEL_CACHE_PREFIX)]
   assert cached, "label index was not cached beside the data set"
-  np.testing.assert_array_equal(ip.load_labels(source), reference)
+  np.testing.assert_array_equal(labels_lib.load_labels(source), reference)
   counts = np.bincount(labels, minlength=5)
   proportions = tuple(int(c > 0) for c in counts)
   batch_size = 2 * sum(proportions)

@@ -22,7 +22,10 @@ import pytest
 
 import helpers  # tests/helpers.py
 
+from configs import base
 from drig import runtime
+from drig.data import datasets
+from drig.models import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
@@ -56,8 +59,6 @@ _ANALYSIS_OVERRIDES = {
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """The tiny synthetic data set, generated once for this module (no JAX devices set up)."""
-  from configs import base  # pylint: disable=g-import-not-at-top
-  from drig.data import datasets  # pylint: disable=g-import-not-at-top
   path = str(tmp_path_factory.mktemp("tfds"))
   config = base.get_config("tiny")
   config.data.data_dir = path
@@ -220,8 +221,7 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
   assert [r["step"] for r in records] == [r["step"] for r in single_records]
   # Both hosts wrote the checkpoint together (orbax multi-host); it holds the final
   # parameters. (Read in this process, without x64: float64 arrays come back as float32.)
-  from drig.models import importer  # pylint: disable=g-import-not-at-top
-  saved = importer.load_drig_checkpoint(str(tmp_path / "multi" / "checkpoints"), 3)
+  saved = checkpoints.load_drig_checkpoint(str(tmp_path / "multi" / "checkpoints"), 3)
   for path, leaf in helpers.flatten(saved["params"], "params/").items():
     leaf = np.asarray(leaf)
     np.testing.assert_array_equal(leaf, host0[path].astype(leaf.dtype), err_msg=path)

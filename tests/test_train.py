@@ -7,15 +7,22 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import helpers  # tests/helpers.py
 
 from configs import base as base_config
+from configs import kaggle
 from drig import input_pipeline
+from drig import parallel
+from drig.data import datasets
+from drig.input import sampling
 from drig.training import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +31,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """The tiny synthetic data set, generated once for this module."""
-  from drig.data import datasets  # pylint: disable=g-import-not-at-top
   path = str(tmp_path_factory.mktemp("tfds"))
   datasets.load_builder_from_config(_config(path).data)
   return path
@@ -37,7 +43,6 @@ def _config(data_dir, **overrides):
 
 
 def _read_checkpoint(path):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(path)
   # CheckpointManager keeps its single item in the "default" folder of each step.
   if os.path.isdir(os.path.join(path, "default")):
@@ -87,11 +92,11 @@ def test_balanced_batches_reach_the_train_step(data_dir):
   sources = trainer.load_sources(config.data, prepare=False)
   batches = input_pipeline.train_iterator(sources["train"], config.data,
                                           batch_size=config.batch_size, seed=0)
-  mesh = trainer.make_data_mesh()
+  mesh = parallel.data_mesh()
   count_grades = jax.jit(lambda batch: jnp.bincount(batch["label"], length=5))
-  expected = input_pipeline.class_counts(config.batch_size, config.data.class_proportions)
+  expected = sampling.class_counts(config.batch_size, config.data.class_proportions)
   for _ in range(5):
-    counts = count_grades(trainer.shard_batch(next(batches), mesh))
+    counts = count_grades(parallel.host_local_to_global(next(batches), mesh))
     np.testing.assert_array_equal(np.asarray(counts), expected)
   np.testing.assert_array_equal(expected, [8, 1, 2, 1, 4])
   batches.close()
@@ -116,10 +121,10 @@ def test_config_typo_is_an_error():
 
 
 def test_global_batch_must_divide_by_devices():
-  mesh = trainer.make_data_mesh()
+  mesh = parallel.data_mesh()
   with pytest.raises(ValueError, match="does not divide"):
-    trainer.check_global_batch(3, jax.sharding.Mesh(np.array(jax.devices() * 2), ("data",)))
-  trainer.check_global_batch(4, mesh)
+    parallel.check_global_batch(3, jax.sharding.Mesh(np.array(jax.devices() * 2), ("data",)))
+  parallel.check_global_batch(4, mesh)
 
 
 def _train_command(workdir, data_dir):
@@ -183,6 +188,8 @@ import jax, numpy as np, optax
 jax.config.update("jax_enable_x64", True)
 sys.path.insert(0, os.getcwd())
 from configs import base as base_config
+from drig import parallel
+from drig.models import classifier, initialization
 from drig.training import trainer, optimizer
 
 config = base_config.get_config("tiny")
@@ -191,9 +198,11 @@ config = base_config.get_config("tiny")
 config.optimizer.name = "sgd"
 config.schedule.learning_rates = (0.1, 0.1, 0.1)
 config.model.dtype = config.model.param_dtype = "float64"
-model = trainer.build_model(config.model)
+model = classifier.build_model(config.model)
 root_key = jax.random.key(0)
-variables, _ = trainer.initial_variables(config, model, root_key)
+variables, _ = initialization.initial_variables(
+    model, config.model, rngs=initialization.init_rngs(root_key), image_size=config.data.image_size,
+    source=config.init.source, path=config.init.path)
 schedule = optimizer.learning_rate_schedule(config.schedule.learning_rates, config.schedule.steps)
 tx = optimizer.make_optimizer(config.optimizer, schedule)
 rng = np.random.default_rng(0)
@@ -202,14 +211,14 @@ batch = {"image": rng.integers(0, 256, (16, 80, 80, 3), dtype=np.uint8),
 results = []
 for devices in (jax.devices()[:1], jax.devices()):
   assert len(devices) in (1, 8)
-  mesh = trainer.make_data_mesh(devices)
+  mesh = parallel.data_mesh(devices)
   state = trainer.TrainState(step=jax.numpy.zeros((), jax.numpy.int32),
                              params=variables["params"], batch_stats=variables["batch_stats"],
                              opt_state=tx.init(variables["params"]))
-  state = trainer.replicate(state, mesh)
+  state = parallel.replicate(state, mesh)
   step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, root_key=root_key,
                                    freeze_base_steps=0, schedule=schedule))
-  sharded = trainer.shard_batch(batch, mesh)
+  sharded = parallel.host_local_to_global(batch, mesh)
   assert len(sharded["image"].sharding.device_set) == len(devices)
   new_state, metrics = step(state, sharded)
   results.append(jax.device_get((new_state.params, new_state.batch_stats, metrics["loss"])))
@@ -232,7 +241,7 @@ def test_data_parallel_step_on_8_devices_equals_one_device():
 
 
 def test_kaggle_config_fails_at_start_up_with_download_instructions(tmp_path):
-  from configs import kaggle  # pylint: disable=g-import-not-at-top
+  # Lazy: the EyePACS builder imports TensorFlow Datasets (heavy).
   from drig.data import eyepacs  # pylint: disable=g-import-not-at-top
   config = kaggle.get_config()
   config.data.data_dir = str(tmp_path / "tfds")
@@ -251,7 +260,6 @@ class _ToyClassifier:
   """A two-part Flax model with the classifier's parameter layout ("base" + head)."""
 
   def __new__(cls):
-    import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
     class Toy(nn.Module):
 
@@ -266,7 +274,6 @@ class _ToyClassifier:
 
 
 def test_freeze_base_steps_trains_only_the_head_at_first():
-  import optax  # pylint: disable=g-import-not-at-top
   model = _ToyClassifier()
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (8, 12, 12, 3), dtype=np.uint8),
@@ -289,7 +296,6 @@ def test_freeze_base_steps_trains_only_the_head_at_first():
 
 
 def test_checkpoint_manager_keeps_the_best_kappa_beside_the_latest(tmp_path):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   kappas = {1: 0.2, 2: 0.9, 3: None, 4: 0.5, 5: 0.4, 6: None}
   with trainer.make_checkpoint_manager(str(tmp_path / "ckpt"), keep=2) as manager:
     for step, kappa in kappas.items():

@@ -1,5 +1,8 @@
 """Inception-v3 in Flax Linen, numerically equal to Keras' and torchvision's.
 
+One concept: the Inception-v3 network (its modules, conventions, parameter
+tree and named layers); long because the network has many modules.
+
 Two conventions, chosen by the ``convention`` field, reproduce the two public
 sets of ImageNet weights exactly:
 

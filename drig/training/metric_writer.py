@@ -5,6 +5,9 @@ import os
 import time
 
 import numpy as np
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 
 class MetricWriter:
@@ -19,7 +22,6 @@ class MetricWriter:
     self.enabled = enabled
     if not enabled:
       return
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter  # pylint: disable=g-import-not-at-top
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
     self._events = EventFileWriter(os.path.join(workdir, "tensorboard"))
@@ -28,7 +30,6 @@ class MetricWriter:
     """Writes the numeric scalars of ``metrics`` (others go to JSON only)."""
     if not self.enabled:
       return
-    from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
     record = {"step": int(step), "time": time.time()}
     values = []
     for key, value in metrics.items():

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-NUM_GRADES = 5
+from drig import grading
 
 
 def _select(labels, predictions, mask):
@@ -34,7 +34,8 @@ def _select(labels, predictions, mask):
   return labels, predictions
 
 
-def confusion_matrix(labels, predictions, num_classes: int = NUM_GRADES, mask=None) -> np.ndarray:
+def confusion_matrix(labels, predictions, num_classes: int = grading.NUM_GRADES,
+                     mask=None) -> np.ndarray:
   """Counts [true, predicted] pairs; rows are true grades, columns predictions."""
   labels, predictions = _select(labels, predictions, mask)
   labels = labels.astype(np.int64)

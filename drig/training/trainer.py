@@ -11,7 +11,9 @@ Design:
   its own slice of the global batch (``jax.make_array_from_process_local_data``).
 * The train step is jitted once with the state donated.
 * Checkpoints: orbax ``CheckpointManager``, asynchronous, keeping the last
-  ``keep_checkpoints`` and the best by validation quadratic kappa.
+  ``keep_checkpoints`` and the best by validation quadratic kappa. orbax is
+  imported where it is used: it takes about 1.5 s to import, which callers
+  that only need this module's step functions would otherwise pay.
 """
 
 import dataclasses
@@ -19,7 +21,6 @@ import functools
 import json
 import os
 import time
-import zlib
 from typing import Any, Callable, Optional
 
 from absl import logging
@@ -30,18 +31,16 @@ from jax.experimental import multihost_utils
 import numpy as np
 import optax
 
+from drig import grading
+from drig import input_pipeline
 from drig import parallel
+from drig import prng
+from drig.data import datasets
+from drig.models import classifier
+from drig.models import initialization
 from drig.training import metrics as metrics_lib
 from drig.training import metric_writer as metric_writer_lib
 from drig.training import optimizer as optimizer_lib
-
-BATCH_AXIS = parallel.BATCH_AXIS
-
-
-def named_key(root_key: jax.Array, name: str, step=None) -> jax.Array:
-  """Derives the key for ``name`` (and ``step``) from the root key."""
-  key = jax.random.fold_in(root_key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
-  return key if step is None else jax.random.fold_in(key, step)
 
 
 @flax.struct.dataclass
@@ -61,36 +60,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # --------------------------------------------------------------------------- #
-# Mesh and sharding.
-
-
-def make_data_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh named ``data`` over every device of every host (``drig.parallel.data_mesh``)."""
-  return parallel.data_mesh(devices, BATCH_AXIS)
-
-
-def check_global_batch(global_batch: int, mesh: jax.sharding.Mesh) -> None:
-  """Raises ``drig.parallel.BatchSizeError`` unless the batch splits over the devices and hosts."""
-  parallel.check_global_batch(global_batch, mesh)
-
-
-def shard_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
-  """Assembles the global batch from each host's slice, sharded on axis 0."""
-  return parallel.host_local_to_global(local_batch, mesh)
-
-
-def replicate(tree, mesh: jax.sharding.Mesh):
-  """Copies ``tree`` (the same values on every host) to every device of ``mesh``."""
-  return parallel.replicate(tree, mesh)
-
-
-# --------------------------------------------------------------------------- #
 # Steps.
-
-
-def images_to_model_input(images: jax.Array) -> jax.Array:
-  """uint8 [0, 255] images to float32 [-1, 1], Keras' ``preprocess_input``."""
-  return images.astype(jnp.float32) / 127.5 - 1.0
 
 
 def base_param_mask(params) -> Any:
@@ -102,8 +72,8 @@ def base_param_mask(params) -> Any:
 def train_step(state: TrainState, batch: dict, *, model, tx, root_key, freeze_base_steps: int,
                schedule) -> tuple[TrainState, dict]:
   """One optimisation step on a (sharded) batch. Pure; jitted by the caller."""
-  dropout_key = named_key(root_key, "dropout", state.step)
-  images = images_to_model_input(batch["image"])
+  dropout_key = prng.named_key(root_key, "dropout", state.step)
+  images = grading.to_model_input(batch["image"])
   labels = batch["label"]
 
   def loss_fn(params):
@@ -134,44 +104,12 @@ def train_step(state: TrainState, batch: dict, *, model, tx, root_key, freeze_ba
 
 def predict_step(variables: dict, images: jax.Array, *, model) -> jax.Array:
   """Grade probabilities [N, 5] in float32, inference mode."""
-  logits = model.apply(variables, images_to_model_input(images), train=False)
+  logits = model.apply(variables, grading.to_model_input(images), train=False)
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
 # --------------------------------------------------------------------------- #
-# Model and data, from the config.
-
-
-def build_model(model_config):
-  """The DR classifier described by ``config.model``."""
-  from drig.models import classifier  # pylint: disable=g-import-not-at-top
-  return classifier.build_model(model_config)
-
-
-def initial_variables(config, model, root_key: jax.Array) -> tuple[dict, str]:
-  """Random initialisation, optionally overwritten from a weight file.
-
-  Returns the variables and a human-readable report of what was imported and
-  what was freshly initialised. Initialisation is never silent: the report is
-  logged and saved in the workdir.
-  """
-  size = config.data.image_size
-  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-  keys = {"params": named_key(root_key, "init"), "dropout": named_key(root_key, "init_dropout")}
-  # Inception-v3 has 94 random initialisers; XLA's optimisation passes gain nothing
-  # on a program that runs once and cost 3x the compile time (33 s -> 10 s for the
-  # tiny model on 2 cores), so compile it unoptimised.
-  init = jax.jit(functools.partial(model.init, train=False)).lower(keys, dummy).compile(
-      compiler_options={"xla_backend_optimization_level": 0,
-                        "xla_llvm_disable_expensive_passes": True})
-  variables = init(keys, dummy)
-  variables = flax.core.unfreeze(variables)
-  source = config.init.source
-  if source == "random":
-    return variables, "all parameters randomly initialised (config.init.source='random')"
-  from drig.models import importer  # pylint: disable=g-import-not-at-top
-  return importer.initialise_from(variables, source=source, path=config.init.path,
-                                  model_config=config.model)
+# Data, from the config.
 
 
 def load_sources(data_config, *, prepare: bool) -> dict:
@@ -180,7 +118,6 @@ def load_sources(data_config, *, prepare: bool) -> dict:
   The data set is generated first when it is synthetic and missing (only on
   host 0 if ``prepare``; the others wait for it at the barrier).
   """
-  from drig.data import datasets  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
     if jax.process_index() == 0:
       datasets.load_builder_from_config(data_config, prepare=prepare)
@@ -206,7 +143,7 @@ def evaluate(predict_fn: Callable, variables, eval_batches, mesh) -> dict:
   """
   all_probs, all_labels, all_masks = [], [], []
   for batch in eval_batches:
-    images = shard_batch({"image": batch["image"]}, mesh)["image"]
+    images = parallel.host_local_to_global({"image": batch["image"]}, mesh)["image"]
     probs = predict_fn(variables, images)
     # Every host gathers every prediction (the eval set is small) so that the
     # metrics are identical everywhere; only host 0 writes them.
@@ -232,6 +169,8 @@ def _checkpoint_kappa(metrics) -> float:
 
 
 def make_checkpoint_manager(directory: str, keep: int):
+  """An asynchronous orbax ``CheckpointManager`` keeping the last ``keep`` and the best."""
+  # Lazy: orbax is slow to import (see the module docstring).
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from orbax.checkpoint import checkpoint_managers as managers  # pylint: disable=g-import-not-at-top
   policy = managers.AnyPreservationPolicy([
@@ -262,38 +201,19 @@ class TrainResult:
   workdir: str
 
 
-WEIGHT_DOWNLOADS = {
-    "keras_h5": ("Keras' ImageNet Inception-v3 weights, e.g. "
-                 "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
-                 "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "keras3": "a Keras 3 InceptionV3 .weights.h5 file (model.save_weights)",
-    "torchvision": ("torchvision's inception_v3 ImageNet state dict, e.g. "
-                    "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth"),
-    "drig": "a drig checkpoint directory (a training workdir or python -m drig.import_weights)",
-}
-
-
 def check_inputs(config) -> None:
   """Fails fast, before any data are generated, when a needed file is missing.
 
   Raises:
+    ValueError: ``config.init.source`` is unknown.
     FileNotFoundError: the initial weights named by ``config.init`` are absent;
       the message says what to download and where to put it.
     drig.data.eyepacs.ManualDownloadError: EyePACS is neither prepared nor
       downloaded into ``config.data.manual_dir``.
   """
-  source, path = config.init.source, config.init.path
-  if source != "random":
-    if source not in WEIGHT_DOWNLOADS:
-      raise ValueError(f"config.init.source must be random or one of {sorted(WEIGHT_DOWNLOADS)}, "
-                       f"got {source!r}")
-    if not path or not os.path.exists(path):
-      raise FileNotFoundError(
-          f"initial weights not found: config.init.path={path!r} (source {source!r}). Download "
-          f"{WEIGHT_DOWNLOADS[source]} on a machine with internet access and put it at "
-          f"{path or '<config.init.path>'}, or set --config.init.path.")
+  initialization.check_weight_source(config.init.source, config.init.path)
   if config.data.name == "eyepacs":
-    from drig.data import datasets  # pylint: disable=g-import-not-at-top
+    # Lazy: the EyePACS builder imports TensorFlow Datasets (heavy).
     from drig.data import eyepacs  # pylint: disable=g-import-not-at-top
     try:
       datasets.load_builder_from_config(config.data, prepare=False)
@@ -303,13 +223,14 @@ def check_inputs(config) -> None:
 
 def train_and_evaluate(config, workdir: str) -> TrainResult:
   """Trains the DR grader described by ``config``; resumes from ``workdir``."""
+  # Lazy: orbax is slow to import (see the module docstring).
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   check_inputs(config)
 
   is_writer = jax.process_index() == 0
-  mesh = make_data_mesh()
-  check_global_batch(config.batch_size, mesh)
+  mesh = parallel.data_mesh()
+  parallel.check_global_batch(config.batch_size, mesh)
   parallel.log_mesh(mesh, "training")
   os.makedirs(workdir, exist_ok=True)
   if is_writer:
@@ -317,12 +238,12 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
       f.write(config.to_json_best_effort(indent=2))
 
   root_key = jax.random.key(config.seed)
-  model = build_model(config.model)
+  model = classifier.build_model(config.model)
   total_steps = sum(config.schedule.steps)
-  schedule = optimizer_lib.learning_rate_schedule(config.schedule.learning_rates, config.schedule.steps)
+  schedule = optimizer_lib.learning_rate_schedule(config.schedule.learning_rates,
+                                                  config.schedule.steps)
   tx = optimizer_lib.make_optimizer(config.optimizer, schedule)
 
-  from drig import input_pipeline as pipeline  # pylint: disable=g-import-not-at-top
   sources = load_sources(config.data, prepare=True)
 
   checkpoints = make_checkpoint_manager(os.path.join(workdir, "checkpoints"),
@@ -330,7 +251,9 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def fresh_state():
-    variables, report = initial_variables(config, model, root_key)
+    variables, report = initialization.initial_variables(
+        model, config.model, rngs=initialization.init_rngs(root_key), image_size=config.data.image_size,
+        source=config.init.source, path=config.init.path)
     logging.info("initialisation: %s", report)
     if is_writer:
       with open(os.path.join(workdir, "init_report.txt"), "w", encoding="utf-8") as f:
@@ -341,7 +264,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
 
   latest = checkpoints.latest_step()
   if latest is None:
-    state = replicate(fresh_state(), mesh)
+    state = parallel.replicate(fresh_state(), mesh)
   else:
     def abstract_state():
       dummy = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
@@ -364,15 +287,15 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   predict_fn = jax.jit(functools.partial(predict_step, model=model))
 
   writer = metric_writer_lib.MetricWriter(workdir, enabled=is_writer)
-  train_batches = pipeline.train_iterator(
+  train_batches = input_pipeline.train_iterator(
       sources["train"], config.data, batch_size=config.batch_size, seed=config.seed,
       start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count())
 
   def run_eval(step, variables, split="validation", prefix="val/"):
-    batches = pipeline.eval_batches(sources[split], config.eval_batch_size,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+    batches = input_pipeline.eval_batches(sources[split], config.eval_batch_size,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count())
     eval_metrics = evaluate(predict_fn, variables, batches, mesh)
     writer.write(step, eval_metrics, prefix=prefix)
     logging.info("step %d %s: accuracy %.4f kappa %.4f auc(any DR) %.4f", step, split,
@@ -385,7 +308,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   window_start, window_steps = time.perf_counter(), 0
   try:
     for step in range(start_step, total_steps):
-      batch = shard_batch(next(train_batches), mesh)
+      batch = parallel.host_local_to_global(next(train_batches), mesh)
       state, step_metrics = train_step_fn(state, batch)
       # Check the previous step's loss while this one runs: names the exact step
       # that went wrong without stalling the device pipeline.
