@@ -2,7 +2,7 @@ r"""drig's integrated gradients against Captum's, on the same Inception-v3.
 
 Both libraries run torchvision's inception_v3 architecture with the same
 weights (random, He-initialised, 5 classes; saved by torch and imported into
-drig with drig.models.importer.load_torchvision), on the same images, with the
+drig with drig.models.torch_weights.load_torchvision), on the same images, with the
 same steps and rule (riemann_right, the poster's). Timed runs alternate
 drig / Captum (A B A B) so that load from other processes hits both alike.
 
@@ -48,6 +48,12 @@ import time
 
 from absl import app
 from absl import flags
+import numpy as np
+
+from drig import grading
+
+# JAX (and drig's JAX modules) and torch are imported inside the parts: --xla_flags
+# must reach XLA_FLAGS before JAX starts, and torch loads only where Captum runs.
 
 _PARTS = flags.DEFINE_list(
     "parts", ["pixel", "analysis", "flops", "maxpool", "batching", "xla_flags", "memory",
@@ -97,7 +103,7 @@ _CONVERGENCE_IMAGES = flags.DEFINE_integer("convergence_images", 2,
 _CHILD = flags.DEFINE_string("child", "", "Internal: run one measurement in this process.")
 _CHILD_ARGS = flags.DEFINE_string("child_args", "{}", "Internal: JSON arguments for --child.")
 
-NUM_GRADES = 5
+NUM_GRADES = grading.NUM_GRADES
 GRADE = 4
 
 
@@ -111,7 +117,6 @@ def log(*args):
 
 def smooth_images(n, size, seed=7):
   """Smooth random images in [-1, 1] with a little noise (no max-pool ties)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[0:size, 0:size] / size
   out = np.zeros((n, size, size, 3), np.float32)
@@ -161,11 +166,11 @@ class Drig:
   def __init__(self, path):
     import jax  # pylint: disable=g-import-not-at-top
     from drig import attribution  # pylint: disable=g-import-not-at-top
-    from drig.models import importer  # pylint: disable=g-import-not-at-top
+    from drig.models import torch_weights  # pylint: disable=g-import-not-at-top
     from drig.models.inception_v3 import InceptionV3  # pylint: disable=g-import-not-at-top
     self.attribution = attribution
     self.model = InceptionV3(num_classes=NUM_GRADES, convention="torchvision")
-    self.variables = importer.load_torchvision(path)
+    self.variables = torch_weights.load_torchvision(path)
     logits = jax.tree_util.Partial(functools.partial(_apply, self.model), self.variables)
     self.quantity = attribution.probability_of_grade(logits, GRADE)
 
@@ -200,9 +205,8 @@ class Captum:
     self.forward = lambda inputs: torch.softmax(self.model(inputs), dim=-1)
 
   def _inputs(self, x):
-    import numpy as np  # pylint: disable=g-import-not-at-top
     inputs = self.torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-    return inputs, self.torch.full_like(inputs, 128 / 127.5 - 1)
+    return inputs, self.torch.full_like(inputs, grading.HALF_GRAY_MODEL)
 
   def pixel_ig(self, x, steps, internal_batch_size):
     inputs, baselines = self._inputs(x)
@@ -212,7 +216,6 @@ class Captum:
 
   def analysis(self, x, steps, k, layer, internal_batch_size, neurons_run, by="unit"):
     """Returns {part: seconds}; neuron time is scaled to 2k if fewer were run."""
-    import numpy as np  # pylint: disable=g-import-not-at-top
     inputs, baselines = self._inputs(x)
     kw = dict(baselines=baselines, n_steps=steps, method="riemann_right",
               internal_batch_size=internal_batch_size)
@@ -381,7 +384,6 @@ def _rss_mb(field):
 def _matmul_rates(n=2048, reps=5):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   a = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
   flop = 2 * n ** 3
@@ -539,7 +541,6 @@ def part_batching(drig, captum):
 
 def part_convergence(drig, captum):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   del captum
   size = int(_SIZES.value[0])
   x = smooth_images(_CONVERGENCE_IMAGES.value, size, seed=11)

@@ -13,7 +13,14 @@ from ml_collections import config_flags
 
 from drig import runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Analysis config file[:arg].",
+try:  # --help prints this docstring: add the configs' ARGS tables
+  import configs  # pylint: disable=g-import-not-at-top
+  __doc__ += "\n" + configs.arguments_help("analyze") + "\n"
+except ImportError:  # run from outside the repository, where configs/ is not importable
+  pass
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Analysis config file[:ARG]; the ARGs are listed above.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for shards, figures and the report.")
 _DISTRIBUTED = runtime.define_distributed_flag()
@@ -24,6 +31,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   runtime.setup_process(_DISTRIBUTED.value)
+  # After setup_process (XLA_FLAGS, jax.distributed), so no import can start a backend first.
   from drig.analysis import job  # pylint: disable=g-import-not-at-top
   result = job.run_analysis(_CONFIG.value, _WORKDIR.value)
   if result.report:

@@ -8,14 +8,27 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 import helpers  # tests/helpers.py
 
 from configs import analyze as analyze_config
 from configs import base as base_config
+from drig import attribution
+from drig.analysis import attributor
+from drig.analysis import errors
 from drig.analysis import job
+from drig.analysis import quantity_specs
+from drig.analysis import shards as shards_lib
+from drig.attribution import integration
+from drig.data import datasets
+from drig.models import checkpoints
+from drig.models import classifier
+from drig.models import initialization
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,10 +36,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   """Tiny data set and a fake training workdir (config.json + one random-init checkpoint)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from drig.data import datasets  # pylint: disable=g-import-not-at-top
-  from drig.models import importer  # pylint: disable=g-import-not-at-top
-  from drig.training import trainer  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("analyze")
   data_dir = str(root / "tfds")
   train_config = base_config.get_config("tiny")
@@ -35,9 +44,12 @@ def setup(tmp_path_factory):
   train_dir = root / "train"
   os.makedirs(train_dir / "checkpoints")
   (train_dir / "config.json").write_text(train_config.to_json_best_effort(indent=2))
-  model = trainer.build_model(train_config.model)
-  variables, _ = trainer.initial_variables(train_config, model, jax.random.key(0))
-  importer.save_variables(str(train_dir / "checkpoints" / "3" / "default"), variables)
+  model = classifier.build_model(train_config.model)
+  variables, _ = initialization.initial_variables(
+      model, train_config.model, rngs=initialization.init_rngs(jax.random.key(0)),
+      image_size=train_config.data.image_size, source=train_config.init.source,
+      path=train_config.init.path)
+  checkpoints.save_variables(str(train_dir / "checkpoints" / "3" / "default"), variables)
   return {"root": root, "data_dir": data_dir, "train_dir": str(train_dir)}
 
 
@@ -60,7 +72,6 @@ def _assert_shards_equal(a, b):
 
 
 def _assert_not_uniform(path):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   pixels = np.asarray(Image.open(path).convert("RGB"), np.float32)
   assert pixels.shape[0] > 100 and pixels.shape[1] > 100, path
   assert pixels.std() > 5, f"{path} looks blank"
@@ -105,8 +116,8 @@ def test_shards_have_the_documented_keys_and_shapes(finished):
   # The predicted quantity is each image's own grade: equal to grade:K where K is predicted.
   for i, grade in enumerate(s["prediction"]):
     if grade in (0, 4):
-      np.testing.assert_allclose(job.decode_map(s, "pixel_ig.predicted")[i],
-                                 job.decode_map(s, f"pixel_ig.grade_{grade}")[i],
+      np.testing.assert_allclose(shards_lib.decode_map(s, "pixel_ig.predicted")[i],
+                                 shards_lib.decode_map(s, f"pixel_ig.grade_{grade}")[i],
                                  rtol=1e-3, atol=1e-3 * np.abs(s["pixel_ig.predicted.scale"][i]))
   assert s["localization.predicted"].shape == (2, 4, len(s["localization_lesions"]), 3)
   assert list(s["localization_methods"]) == ["pixel_ig", "active_regions", "gradient", "random"]
@@ -138,22 +149,20 @@ def test_rerun_skips_everything_and_changed_config_errors(setup, finished):
   assert again.shards_written == []
   assert {p: os.stat(p).st_mtime_ns for p in outputs} == before
   assert again.figures == first.figures and again.num_images == 6
-  with pytest.raises(job.ConfigMismatchError, match=r"steps: 4 -> 5"):
+  with pytest.raises(errors.ConfigMismatchError, match=r"steps: 4 -> 5"):
     job.run_analysis(_config(setup, steps=5), workdir)
 
 
 def test_missing_checkpoint_is_named(setup, tmp_path):
-  with pytest.raises(job.AnalysisError, match="nowhere.*config.json"):
+  with pytest.raises(errors.AnalysisError, match="nowhere.*config.json"):
     job.run_analysis(_config(setup, checkpoint=str(tmp_path / "nowhere")), str(tmp_path / "w"))
-  with pytest.raises(job.AnalysisError, match="unknown quantity"):
+  with pytest.raises(errors.AnalysisError, match="unknown quantity"):
     job.run_analysis(_config(setup, quantities=("grade:7",)), str(tmp_path / "w2"))
   with pytest.raises(ValueError, match="config.neurons must be 'channel' or 'unit'"):
     job.run_analysis(_config(setup, neurons="neuron"), str(tmp_path / "w3"))
 
 
 def test_corrupt_photograph_is_skipped_and_reported(setup, tmp_path):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from drig.data import datasets  # pylint: disable=g-import-not-at-top
   photos = tmp_path / "photos"
   photos.mkdir()
   builder = datasets.load_builder_from_config(_data_config(setup), prepare=False)
@@ -236,14 +245,11 @@ def test_binary_resumes_after_sigkill_with_equal_outputs(setup, finished, tmp_pa
 
 
 def test_per_image_grade_reads_each_images_grade_at_any_points_per_image():
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from drig import attribution  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(3)
   w = jnp.asarray(rng.normal(size=(4, 5)).astype(np.float32))
   logits_fn = jax.tree_util.Partial(lambda w, x: x @ w, w)
   predictions = np.array([4, 0, 2])
-  quantity = job.PerImageGrade(logits_fn, jax.nn.one_hot(predictions, 5))
+  quantity = quantity_specs.PerImageGrade(logits_fn, jax.nn.one_hot(predictions, 5))
   x = jnp.asarray(rng.normal(size=(3, 4)).astype(np.float32))
   probabilities = np.asarray(jax.nn.softmax(x @ w))
   expected = probabilities[np.arange(3), predictions]
@@ -251,7 +257,7 @@ def test_per_image_grade_reads_each_images_grade_at_any_points_per_image():
   # Image-major path points, 2 per image: [6] rows are images 0, 0, 1, 1, 2, 2.
   np.testing.assert_allclose(quantity(jnp.repeat(x, 2, axis=0)), np.repeat(expected, 2),
                              rtol=1e-6)
-  with pytest.raises(job.AnalysisError, match="a batch of 4 rows for 3 images"):
+  with pytest.raises(errors.AnalysisError, match="a batch of 4 rows for 3 images"):
     quantity(x[:1].repeat(4, axis=0))
   # Pixel IG with 2 points per call (once ambiguous with [inputs; baselines]) matches each
   # image's own grade quantity integrated alone.
@@ -266,8 +272,8 @@ def test_per_image_grade_reads_each_images_grade_at_any_points_per_image():
     np.testing.assert_allclose(gap[n:n + 1], alone_gap, rtol=1e-5, atol=1e-7)
   # The job splits each call's images into parts when a call has one point per image:
   # each image still reads its own grade.
-  from drig.attribution import integration  # pylint: disable=g-import-not-at-top
-  split = job.PerImageGrade(integration.BatchGroups(logits_fn, 2), jax.nn.one_hot(predictions, 5))
+  split = quantity_specs.PerImageGrade(integration.BatchGroups(logits_fn, 2),
+                                       jax.nn.one_hot(predictions, 5))
   parts, parts_gap = attribution.integrated_gradients(split, x, baseline, steps=4, chunk_size=1)
   whole, whole_gap = attribution.integrated_gradients(quantity, x, baseline, steps=4,
                                                       chunk_size=1)
@@ -276,13 +282,12 @@ def test_per_image_grade_reads_each_images_grade_at_any_points_per_image():
 
 
 def test_batch_groups_only_where_the_path_cannot_be_split(monkeypatch):
-  from drig.attribution import integration  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(integration, "default_groups_per_call", lambda: 2)  # a CPU
-  assert job.batch_groups(0, chunk=1, num_images=16, num_devices=1) == 2
-  assert job.batch_groups(0, chunk=1, num_images=4, num_devices=1) == 2
-  assert job.batch_groups(0, chunk=1, num_images=3, num_devices=1) == 1  # parts of 1 image
-  assert job.batch_groups(0, chunk=2, num_images=16, num_devices=1) == 1  # path groups do it
-  assert job.batch_groups(0, chunk=1, num_images=16, num_devices=8) == 1  # sharded batch
-  assert job.batch_groups(3, chunk=4, num_images=16, num_devices=8) == 3  # the config's
+  assert attributor.batch_groups(0, chunk=1, num_images=16, num_devices=1) == 2
+  assert attributor.batch_groups(0, chunk=1, num_images=4, num_devices=1) == 2
+  assert attributor.batch_groups(0, chunk=1, num_images=3, num_devices=1) == 1  # parts of 1 image
+  assert attributor.batch_groups(0, chunk=2, num_images=16, num_devices=1) == 1  # path groups do it
+  assert attributor.batch_groups(0, chunk=1, num_images=16, num_devices=8) == 1  # sharded batch
+  assert attributor.batch_groups(3, chunk=4, num_images=16, num_devices=8) == 3  # the config's
   monkeypatch.setattr(integration, "default_groups_per_call", lambda: 1)  # an accelerator
-  assert job.batch_groups(0, chunk=1, num_images=16, num_devices=1) == 1
+  assert attributor.batch_groups(0, chunk=1, num_images=16, num_devices=1) == 1

@@ -10,14 +10,21 @@ import importlib.util
 import math
 import os
 
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import ndimage
 from scipy import stats
 from sklearn import metrics
 
+from drig import attribution
 from drig import preprocess
 from drig.analysis import localization as loc
+from drig.analysis import randomisation
+from drig.models import classifier
+from drig.models import initialization
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
@@ -248,18 +255,14 @@ def _tiny_model():
                                                 os.path.join(ROOT, "configs", "model.py"))
   config_module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(config_module)
-  from drig.models import classifier  # pylint: disable=g-import-not-at-top
   return classifier.build_model(config_module.get_model_config("tiny"))
 
 
 @pytest.fixture(scope="module")
 def tiny():
   """The tiny model, random weights, two random 80 px images and an IG function."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from drig import attribution  # pylint: disable=g-import-not-at-top
   model = _tiny_model()
-  variables = loc.initial_variables(model, 0)
+  variables = initialization.random_variables(model, 0)
   images = jnp.asarray(np.random.default_rng(10).uniform(-1, 1, (2, 80, 80, 3)), jnp.float32)
 
   def pixel_ig(weights):
@@ -279,14 +282,13 @@ def _correlations(a, b):
 
 
 def test_model_randomisation_changes_attributions(tiny):
-  import jax  # pylint: disable=g-import-not-at-top
   model, variables, _, pixel_ig = tiny
   original = pixel_ig(variables)
   assert np.abs(original).max() > 0
   copy = jax.tree.map(lambda a: np.array(a), variables)
   assert _correlations(original, pixel_ig(copy)) == [1.0, 1.0]
-  everything = loc.randomise_variables(model, variables, 1)
-  head = loc.randomise_variables(model, variables, 1, scope="head")
+  everything = randomisation.randomise_variables(model, variables, 1)
+  head = randomisation.randomise_variables(model, variables, 1, scope="head")
   all_correlations = _correlations(original, pixel_ig(everything))
   head_correlations = _correlations(original, pixel_ig(head))
   print("rank correlation after randomising all:", all_correlations, "head:", head_correlations)
@@ -295,7 +297,6 @@ def test_model_randomisation_changes_attributions(tiny):
 
 
 def _leaves(tree):
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
@@ -304,7 +305,7 @@ def test_randomise_variables_scopes(tiny):
   before = {c: _leaves(variables[c]) for c in ("params", "batch_stats")}
   for scope, changed_prefixes in (("all", ("",)), ("head", ("fc1/", "fc2/", "logits/")),
                                   (("logits", "base/Mixed_7c"), ("logits/", "base/Mixed_7c/"))):
-    new = loc.randomise_variables(model, variables, 2, scope=scope)
+    new = randomisation.randomise_variables(model, variables, 2, scope=scope)
     assert set(new) == {"params", "batch_stats"}
     for collection, old_leaves in before.items():
       new_leaves = _leaves(new[collection])
@@ -320,19 +321,19 @@ def test_randomise_variables_scopes(tiny):
         elif path.endswith("kernel"):
           assert not np.allclose(value, old), path
   np.testing.assert_array_equal(  # deterministic in the seed
-      loc.randomise_variables(model, variables, 3)["params"]["logits"]["kernel"],
-      loc.randomise_variables(model, variables, 3)["params"]["logits"]["kernel"])
-  with pytest.raises(loc.LocalizationInputError, match="no parameters"):
-    loc.randomise_variables(model, variables, 2, scope="base/mixed_99")
-  with pytest.raises(loc.LocalizationInputError, match="do not match"):
-    loc.randomise_variables(model, {"params": {"logits": variables["params"]["logits"]}}, 2,
-                            scope="logits")
+      randomisation.randomise_variables(model, variables, 3)["params"]["logits"]["kernel"],
+      randomisation.randomise_variables(model, variables, 3)["params"]["logits"]["kernel"])
+  with pytest.raises(randomisation.RandomisationError, match="no parameters"):
+    randomisation.randomise_variables(model, variables, 2, scope="base/mixed_99")
+  with pytest.raises(randomisation.RandomisationError, match="do not match"):
+    randomisation.randomise_variables(
+        model, {"params": {"logits": variables["params"]["logits"]}}, 2, scope="logits")
 
 
 def test_calibrated_batch_statistics(tiny):
   """Calibrated statistics are the batch's; inference then equals a training-mode pass."""
   model, variables, images, _ = tiny
-  new = loc.randomise_variables(model, variables, 4, calibration_images=images)
+  new = randomisation.randomise_variables(model, variables, 4, calibration_images=images)
   # The first unit by hand: a 3x3 stride-2 VALID convolution, then per-channel moments.
   x = np.asarray(images, np.float64)
   kernel = np.asarray(new["params"]["base"]["Conv2d_1a_3x3"]["conv"]["kernel"], np.float64)
@@ -348,6 +349,6 @@ def test_calibrated_batch_statistics(tiny):
   inference = model.apply(new, images, stop_layer="mixed2")
   training, _ = model.apply(new, images, train=True, stop_layer="mixed2", mutable=["batch_stats"])
   np.testing.assert_allclose(inference, training, atol=1e-3 * np.abs(training).max())
-  uncalibrated = model.apply(loc.randomise_variables(model, variables, 4), images,
+  uncalibrated = model.apply(randomisation.randomise_variables(model, variables, 4), images,
                              stop_layer="mixed2")
   assert np.abs(uncalibrated - training).max() > 0.1 * np.abs(training).max()

@@ -1,4 +1,8 @@
-"""Counterfactuals from integrated gradients and from plain gradients (poster, issue 6 item 4).
+"""Counterfactuals from integrated gradients and from plain gradients.
+
+One concept: the poster's counterfactual experiment, from the two ways of
+moving the pixels through the sweep over c and the equal-L2 comparison to the
+statistics and the figure that report it.
 
 For images of true grade 1 that the model grades 0, the poster moves every
 pixel by its attribution to the grade-1 outcome F::
@@ -16,7 +20,7 @@ by ``c * |dF/dx|^2 + O(c^2)``.
 Spaces. Everything here lives in PIXEL space: float32 images [N, H, W, 3] with
 values in [0, 255], so ``c`` and the attributions are in pixel units and the
 clip is the poster's. drig's models take MODEL space, ``[-1, 1]``
-(``drig.input_pipeline.to_model_input``: p / 127.5 - 1). Public functions take
+(``drig.grading.to_model_input``: p / 127.5 - 1). Public functions take
 ``logits_fn``: model-space input -> logits [N, 5] (e.g.
 ``jax.tree_util.Partial(model.apply, variables)``) and compose it with that map
 internally (``PixelLogits``), so IG and gradients are of the pixel-space
@@ -43,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drig import input_pipeline
+from drig import grading
 from drig.attribution.integration import HALF_GRAY_PIXEL, integrated_gradients, Operands
 from drig.attribution import quantities
 
@@ -70,7 +74,7 @@ class PixelLogits:
     self.logits_fn = logits_fn
 
   def __call__(self, pixels):
-    return self.logits_fn(input_pipeline.to_model_input(pixels))
+    return self.logits_fn(grading.to_model_input(pixels))
 
   def tree_flatten(self):
     return (self.logits_fn,), None
@@ -537,6 +541,7 @@ def counterfactual_figure(x, ig_counterfactual, gradient_counterfactual, *,
     images, bottom row the two changes on one common scale, 0.5 gray + d /
     (2 max|d|) so both are amplified alike; titles give L2 and TV of each change.
   """
+  # matplotlib takes about half a second to import; only the figure needs it.
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   info = dict(info or {})
   arrays = []

@@ -24,13 +24,15 @@ import os
 import tempfile
 from typing import Mapping
 
-import numpy as np
+from matplotlib import cm
+from matplotlib import colors
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+import numpy as np
 
+from drig import grading
 from drig.attribution import heatmap
 
-HALF_GRAY = 128
 PANEL_INCHES = 4.0
 DEFAULT_DPI = 100
 
@@ -54,7 +56,7 @@ def _check_image(image, name: str) -> np.ndarray:
     raise FigureInputError(f"{name} must be an image [H, W, 3] (or [H, W]), got {image.shape}")
   if np.issubdtype(image.dtype, np.floating):
     # Pixel values as floats, e.g. a group's mean image. The model's [-1, 1]
-    # inputs are not accepted: convert them with input_pipeline.from_model_input.
+    # inputs are not accepted: convert them with grading.from_model_input.
     if not np.isfinite(image).all() or image.min() < -0.5 or image.max() > 255.5:
       raise FigureInputError(f"{name}: float images must hold pixel values in [0, 255], got "
                              f"range [{np.nanmin(image):.3g}, {np.nanmax(image):.3g}]")
@@ -183,7 +185,6 @@ def quantity_pair_figure(image, maps: Mapping[str, np.ndarray], *, title: str = 
   axes = [fig.add_subplot(1, len(values), i + 1) for i in range(len(values))]
   for ax, (name, value) in zip(axes, values.items()):
     _show_map(ax, image, value, clip, str(name), colorbar=False)
-  from matplotlib import cm, colors  # pylint: disable=g-import-not-at-top
   mappable = cm.ScalarMappable(norm=colors.Normalize(-clip, clip), cmap=heatmap.colormap())
   fig.colorbar(mappable, ax=axes, label="attribution", shrink=0.9)
   if title:
@@ -212,7 +213,7 @@ def group_sum_figure(image, summed_map, *, title: str = "",
   """
   if image is None:
     values = _check_map(summed_map, None, "summed_map")
-    image = np.full(values.shape + (3,), HALF_GRAY, np.uint8)
+    image = np.full(values.shape + (3,), grading.HALF_GRAY, np.uint8)
   else:
     image = _check_image(image, "image")
     values = _check_map(summed_map, image.shape, "summed_map")

@@ -1,4 +1,4 @@
-"""Linearity of the fully connected units' attributions (poster, issue 6 item 5).
+"""Linearity of the fully connected units' attributions along the gradient.
 
 The poster pushes an input along the gradient of the outcome, x(c) = x + c *
 dF/dx(x), with c growing exponentially, and at each c records the layer
@@ -16,9 +16,10 @@ or off along the perturbation breaks the first, and a saturating softmax the
 second.
 
 Everything here is in the model's input space ([-1, 1]; the half-gray baseline
-is 128/127.5 - 1). Note the poster clips its perturbed images to the valid
-range; ``gradient_perturbations(clip=...)`` can, but clipping itself makes the
-attributions non-linear in c once pixels saturate, so the default does not.
+is ``drig.grading.HALF_GRAY_MODEL`` = 128/127.5 - 1). Note the poster clips its
+perturbed images to the valid range; ``gradient_perturbations(clip=...)`` can,
+but clipping itself makes the attributions non-linear in c once pixels
+saturate, so the default does not.
 
 R^2 convention (`fit_linearity`): each unit's attribution series over c is fit
 by least squares y = slope * c + intercept; R^2 = 1 - SS_res / SS_tot. A
@@ -287,6 +288,7 @@ def hinton_figure(matrix, *, title: str = "", row_labels: Sequence[str] | None =
     A matplotlib.figure.Figure (object API, no pyplot state). Areas share one
     scale: the largest |value| fills its cell.
   """
+  # matplotlib takes about half a second to import; only the figure needs it.
   from matplotlib.collections import PatchCollection  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top

@@ -1,4 +1,4 @@
-"""Lesion localisation scores for heat maps, and the model-randomisation check.
+"""Lesion localisation scores for heat maps.
 
 Does a heat map point at the lesions an expert (or the synthetic generator)
 marked? Three scores, each restricted to the retina's field of view (FOV; for
@@ -13,8 +13,8 @@ disc) so that the half-gray surround counts neither way:
 
 Chance levels, for a map unrelated to the mask: pointing game and relevance
 mass about the lesion's share of the FOV, AUROC 0.5. ``random_map`` is that
-control; ``randomise_variables`` gives the weights for Adebayo et al.'s (2018)
-model-randomisation sanity check, compared with ``rank_correlation``.
+control. ``rank_correlation`` compares two maps (the model-randomisation check,
+``drig.analysis.randomisation``, compares maps before and after).
 
 All scoring functions take numpy (or jax) arrays and return Python floats; a
 score that is undefined (no lesion pixel in the FOV, say) is ``nan``, and
@@ -30,18 +30,15 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
+import cv2
 import numpy as np
 
 MODES = ("positive", "absolute", "signed")
 METRICS = ("pointing_game", "relevance_mass", "pixel_auroc")
 TIES = ("expected", "any", "all")
-# A size of at least 75 px runs every Inception-v3 layer; parameter shapes do not
-# depend on it (global average pooling), so the smallest is the cheapest init.
-DEFAULT_INIT_SHAPE = (1, 75, 75, 3)
 
 
 class LocalizationInputError(ValueError):
@@ -142,7 +139,6 @@ def dilate(mask, tolerance: int) -> np.ndarray:
     raise LocalizationInputError(f"tolerance must be an int >= 0 (pixels), got {tolerance!r}")
   if tolerance == 0:
     return mask.copy()
-  import cv2  # pylint: disable=g-import-not-at-top
   return cv2.dilate(mask.astype(np.uint8), _disc_offsets(int(tolerance))).astype(bool)
 
 
@@ -295,7 +291,7 @@ def score_maps(maps: Mapping[str, Any], masks: Mapping[str, Any], field_of_view=
     maps: method name -> [H, W] saliency map, or [H, W, C] attributions
       (collapsed with `saliency(map, mode)`).
     masks: lesion name -> bool [H, W] (e.g. an example's masks, keyed by
-      drig.data.datasets.MASK_NAMES).
+      drig.data.lesions.MASK_NAMES).
     field_of_view: bool [H, W] or None (the whole image).
     mode: how 3-D attribution maps are collapsed (see `saliency`); 2-D maps
       are used as they are.
@@ -408,220 +404,3 @@ def summary_markdown(summary: Mapping, *, digits: int = 3,
       lines.append(f"| {lesion} | " + " | ".join(cells) + " |")
     blocks.append("\n".join(lines))
   return "\n\n".join(blocks) + "\n"
-
-
-# ------------------------------------------------------------------------------
-# Model randomisation (Adebayo et al., 2018).
-
-
-def head_scope(model) -> tuple[str, ...]:
-  """The top-level parameter names of a model's head (layers after pooling)."""
-  if hasattr(model, "head_layer_names"):
-    return tuple(model.head_layer_names())
-  if getattr(model, "num_classes", None):  # a bare InceptionV3 with its ImageNet top
-    return ("fc",)
-  raise LocalizationInputError(f"{type(model).__name__} has no head to randomise")
-
-
-def _flat(tree) -> dict[tuple[str, ...], Any]:
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  return traverse_util.flatten_dict(_as_dict(tree))
-
-
-def _as_dict(tree):
-  if hasattr(tree, "unfreeze"):
-    return tree.unfreeze()
-  if isinstance(tree, Mapping):
-    return {k: _as_dict(v) for k, v in tree.items()}
-  return tree
-
-
-def _prefixes(model, scope) -> list[tuple[str, ...]]:
-  if scope == "all":
-    return [()]
-  if scope == "head":
-    return [(name,) for name in head_scope(model)]
-  if isinstance(scope, str):
-    scope = (scope,)
-  prefixes = [tuple(p for p in str(s).split("/") if p) for s in scope]
-  if not prefixes or any(not p for p in prefixes):
-    raise LocalizationInputError(f"scope must be 'all', 'head' or parameter paths, got {scope!r}")
-  return prefixes
-
-
-def _selected(path: tuple[str, ...], prefixes) -> bool:
-  return any(path[:len(p)] == p for p in prefixes)
-
-
-def _hashable(model) -> bool:
-  try:
-    hash(model)
-    return True
-  except TypeError:
-    return False
-
-
-def _init_fn(model, shape):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  def init(key):
-    return model.init({"params": key, "dropout": key}, jnp.zeros(shape, jnp.float32),
-                      train=False)
-  # One compiled program (XLA prunes the forward pass, whose output init drops).
-  return jax.jit(init)
-
-
-_cached_init_fn = functools.lru_cache(maxsize=8)(_init_fn)
-
-
-def initial_variables(model, seed: int, *, input_shape: Sequence[int] | None = None) -> dict:
-  """``model.init``'s variables for `seed`, as plain nested dicts.
-
-  The key is ``jax.random.key(seed, impl="unsafe_rbg")``: Flax derives one key
-  per parameter by splitting, and with the default threefry keys XLA:CPU took
-  about 8x longer to compile Inception-v3's initialisation (184 s against 22 s
-  for the tiny model on a loaded 2-core machine, measured once each). The bits
-  differ from a threefry key's but have the same distributions, which is all
-  a randomisation check needs. The compiled init is cached per (model, shape).
-
-  Args:
-    model: a Flax module taking (x, train=...), e.g. a DRClassifier.
-    seed: an int; the same seed gives the same variables on the same backend.
-    input_shape: the dummy input's shape, default DEFAULT_INIT_SHAPE.
-
-  Returns:
-    {"params": ..., "batch_stats": ...} of jax arrays.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  shape = tuple(int(d) for d in (input_shape or DEFAULT_INIT_SHAPE))
-  init = _cached_init_fn(model, shape) if _hashable(model) else _init_fn(model, shape)
-  return _as_dict(init(jax.random.key(int(seed), impl="unsafe_rbg")))
-
-
-def _batch_stats_fn(model):
-  """jit(variables, images, key -> every BatchNorm's batch statistics over images).
-
-  A training-mode apply returns m * old + (1 - m) * batch for every running
-  average; applies from old = 0 and old = 1 give (1 - m) * batch and, by their
-  difference, m, whatever each layer's momentum m is.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  def batch_stats(variables, images, key):
-    def run(fill):
-      stats = jax.tree.map(lambda a: jnp.full_like(a, fill), variables["batch_stats"])
-      _, updates = model.apply({**variables, "batch_stats": stats}, images, train=True,
-                               mutable=["batch_stats"], rngs={"dropout": key})
-      return updates["batch_stats"]
-    from_zero, from_one = run(0.0), run(1.0)
-    return jax.tree.map(lambda z, o: z / (1.0 - (o - z)), from_zero, from_one)
-  return jax.jit(batch_stats)
-
-
-_cached_batch_stats_fn = functools.lru_cache(maxsize=8)(_batch_stats_fn)
-
-
-def calibrated_batch_stats(model, variables, images, seed: int = 0) -> dict:
-  """Each BatchNorm layer's batch statistics over `images` in training mode.
-
-  Args:
-    model: a Flax module with BatchNorm layers.
-    variables: {"params": ..., "batch_stats": ...} (the old statistics are not used).
-    images: float32 [N, H, W, 3] model inputs.
-    seed: for dropout, which training mode switches on (it does not affect
-      the statistics of drig's models, whose BatchNorm layers precede it).
-
-  Returns:
-    A tree like variables["batch_stats"] holding the batch means and (biased)
-    variances, as Flax's BatchNorm computes them in training mode.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  fn = _cached_batch_stats_fn(model) if _hashable(model) else _batch_stats_fn(model)
-  return _as_dict(fn(variables, jnp.asarray(images, jnp.float32), jax.random.key(int(seed))))
-
-
-def randomise_variables(model, variables, seed: int, *, scope: Any = "all",
-                        input_shape: Sequence[int] | None = None,
-                        calibration_images=None) -> dict:
-  """Re-initialised weights of the same structure, for the model-randomisation check.
-
-  Adebayo et al. (2018): an explanation that does not change when the model's
-  weights are replaced by random ones cannot be explaining the model. The new
-  weights come from ``model.init`` with a fresh key (`initial_variables`: the
-  model's own initialisers, He-scaled convolutions and LeCun dense layers), so
-  they have the scale a network starts training with.
-
-  Batch statistics: those of BatchNorm layers whose weights are kept stay as
-  they are. Those of re-initialised layers would not fit the new weights, so
-  they become the initial ones (mean 0, variance 1) or, with
-  `calibration_images`, the layers' batch statistics over those images in
-  training mode with the new weights (then inference on those images equals a
-  training-mode pass over them).
-
-  Args:
-    model: a Flax module (e.g. drig.models.classifier.build_model(config)).
-    variables: its variables {"params": ..., "batch_stats": ...}.
-    seed: the new weights are a pure function of (model, seed) on a backend.
-    scope: what to re-initialise: "all"; "head" (the fully connected layers
-      and logits, keeping the Inception base); or parameter paths such as
-      ("logits", "fc2") or "base/Mixed_7c", for Adebayo's cascading
-      randomisation from the top down.
-    input_shape: the dummy input for model.init; default (1, 75, 75, 3). The
-      parameter shapes must not depend on it (true for drig's models).
-    calibration_images: optional float32 [N, H, W, 3] model inputs in [-1, 1]
-      to re-estimate the batch statistics of re-initialised BatchNorm layers.
-
-  Returns:
-    Variables with the same tree structure, shapes and dtypes as `variables`
-    (plain nested dicts), with the selected parameters re-initialised.
-  """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
-
-  variables = _as_dict(variables)
-  if "params" not in variables:
-    raise LocalizationInputError(
-        f"variables must hold 'params'; got collections {sorted(variables)}")
-  prefixes = _prefixes(model, scope)
-  param_paths = list(_flat(variables["params"]))
-  unknown = ["/".join(p) for p in prefixes if not any(_selected(k, [p]) for k in param_paths)]
-  if unknown:
-    raise LocalizationInputError(f"randomise_variables: scope names no parameters: {unknown}")
-  fresh = initial_variables(model, seed, input_shape=input_shape)
-
-  result = {}
-  for collection, tree in variables.items():
-    if collection not in ("params", "batch_stats"):
-      result[collection] = tree
-      continue
-    old, new = _flat(tree), _flat(fresh.get(collection, {}))
-    if set(old) != set(new):
-      missing = sorted("/".join(k) for k in set(new) - set(old))[:5]
-      extra = sorted("/".join(k) for k in set(old) - set(new))[:5]
-      raise LocalizationInputError(
-          f"randomise_variables: the {collection} do not match {type(model).__name__}'s; "
-          f"missing {missing}, unexpected {extra}")
-    flat = {}
-    for path, value in old.items():
-      if not _selected(path, prefixes):
-        flat[path] = value
-        continue
-      replacement = new[path]
-      if replacement.shape != np.shape(value):
-        raise LocalizationInputError(
-            f"randomise_variables: {collection}/{'/'.join(path)} has shape {np.shape(value)} but "
-            f"the model initialises {replacement.shape}; pass input_shape if it depends on it")
-      flat[path] = jnp.asarray(replacement, getattr(value, "dtype", replacement.dtype))
-    result[collection] = traverse_util.unflatten_dict(flat)
-
-  if calibration_images is not None and result.get("batch_stats"):
-    calibrated = _flat(calibrated_batch_stats(model, result, calibration_images, seed))
-    flat = _flat(result["batch_stats"])
-    for path in flat:
-      if _selected(path, prefixes):
-        flat[path] = calibrated[path].astype(flat[path].dtype)
-    result["batch_stats"] = traverse_util.unflatten_dict(flat)
-  return result

@@ -1,0 +1,176 @@
+"""One shard's attribution: every quantity's maps, top neurons and scores for a batch.
+
+``ShardAttributor(config, loaded, mesh)`` holds the model on the local devices
+(images split over ``mesh``, weights replicated); called on a padded batch of
+uint8 images it returns the shard's arrays (docs/analysis.md lists the keys),
+maps encoded as ``drig.analysis.shards.encode_map`` stores them.
+``path_chunk`` and ``batch_groups`` size each model call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drig import grading
+from drig import parallel
+from drig.analysis import localization
+from drig.analysis.model_source import LoadedModel, ModelLogits
+from drig.analysis.quantity_specs import make_quantity, parse_quantity
+from drig.analysis.shards import decode_map, encode_map
+from drig.attribution import integration as ig_lib
+from drig.attribution import layer as layer_lib
+from drig.attribution import regions as active_regions_lib
+
+# The random control map's seed is seed * this + the image's index: one map per image.
+_RANDOM_MAP_SEED_STRIDE = 1_000_003
+
+
+def path_chunk(config_chunk: int, steps: int, num_images: int) -> int:
+  """Path points per image per call: the config's, or about the backend's default
+  points per call with the least padding (`default_chunk_size`)."""
+  if config_chunk > 0:
+    return min(config_chunk, steps)
+  return ig_lib.default_chunk_size(steps, num_images)
+
+
+def batch_groups(config_groups: int, chunk: int, num_images: int, num_devices: int) -> int:
+  """Parts each model call's batch is split into (`drig.attribution.integration.BatchGroups`).
+
+  The config's if positive. Automatic (0): the backend's groups per call (2 on CPUs,
+  1 on accelerators) when the engine cannot split along the path (one path point per
+  image per call), each part keeps at least 2 images, and the batch is on one device
+  (a sharded batch is not split); otherwise 1.
+  """
+  if config_groups > 0:
+    return config_groups
+  groups = ig_lib.default_groups_per_call()
+  if chunk > 1 or num_devices > 1 or num_images < 2 * groups:
+    return 1
+  return groups
+
+
+@jax.jit
+def probabilities(logits_fn, x):
+  """softmax(logits_fn(x)) in float32, [N, G]; ``logits_fn`` a pytree (e.g. ModelLogits)."""
+  return jax.nn.softmax(logits_fn(x).astype(jnp.float32), axis=-1)
+
+
+@jax.jit
+def _gradient(quantity, x):
+  return jax.grad(lambda p: jnp.sum(quantity(p)))(x)
+
+
+class ShardAttributor:
+  """Attributes one padded batch of images on the local devices."""
+
+  def __init__(self, config, loaded: LoadedModel, mesh):
+    self.config = config
+    self.mesh = mesh
+    variables = parallel.replicate(loaded.variables, mesh)
+    self.model = loaded.model
+    self.variables = variables
+    self.logits_fn = ModelLogits(loaded.model, variables)
+    self.to_layer, self.from_layer = layer_lib.split_model(loaded.model, variables, config.layer)
+    self.quantities = [parse_quantity(q) for q in config.quantities]
+    self.k = None
+
+  def __call__(self, images: np.ndarray, indices: np.ndarray, field_of_view: np.ndarray,
+               masks: Optional[list], predictions: Optional[np.ndarray] = None) -> dict:
+    """Arrays for the batch (see docs/analysis.md); images uint8 [S, H, W, 3], padded.
+
+    ``predictions`` (int [S]) replaces the model's own for the "predicted" quantity
+    (the randomisation check attributes the trained model's grades).
+    """
+    config = self.config
+    x = parallel.shard_batch(grading.to_model_input(images), self.mesh)
+    baseline = parallel.replicate(ig_lib.half_gray_baseline(x), self.mesh)
+    n = x.shape[0]
+    chunk = path_chunk(config.chunk_size, config.steps, n)
+    logits_fn, to_layer, from_layer = self.logits_fn, self.to_layer, self.from_layer
+    groups = batch_groups(config.batch_groups, chunk, n, self.mesh.size)
+    if groups > 1:  # Rows are independent: the parts give the same maps, sooner.
+      logits_fn, to_layer, from_layer = (ig_lib.BatchGroups(fn, groups)
+                                         for fn in (logits_fn, to_layer, from_layer))
+    batch_probabilities = np.asarray(probabilities(logits_fn, x))
+    if predictions is None:
+      predictions = batch_probabilities.argmax(axis=-1).astype(np.int32)
+    predictions = np.asarray(predictions, np.int32)
+    out = {"probabilities": batch_probabilities, "prediction": predictions}
+    if self.k is None:
+      layer_shape = jax.eval_shape(to_layer, x).shape[1:]
+      neurons = layer_shape[-1] if config.neurons == "channel" else int(np.prod(layer_shape))
+      self.k = min(config.top_k, neurons)
+      if self.k < config.top_k:
+        logging.warning("layer %s has %d %ss: top_k %d -> %d", config.layer, neurons,
+                        config.neurons, config.top_k, self.k)
+    for spec in self.quantities:
+      preds = parallel.replicate(jnp.asarray(predictions), self.mesh)
+      layer_quantity = make_quantity(spec, from_layer, preds)
+      analysis = active_regions_lib.lesion_detection(
+          to_layer, layer_quantity, x, baseline, k=self.k, by=config.neurons,
+          individual_regions=False, steps=config.steps, method=config.method, chunk_size=chunk)
+      quantity = make_quantity(spec, logits_fn, preds)
+      gradient = _gradient(quantity, x)
+      q = spec.key
+      stored = {
+          f"pixel_ig.{q}": analysis.pixels,
+          f"positive_resultant.{q}": jnp.sum(analysis.positive_resultant, axis=-1),
+          f"negative_resultant.{q}": jnp.sum(analysis.negative_resultant, axis=-1),
+          f"gradient.{q}": gradient,
+      }
+      for key, value in stored.items():
+        out[key], out[f"{key}.scale"] = encode_map(np.asarray(value), config.storage_dtype)
+      out[f"pixel_gap.{q}"] = np.asarray(analysis.pixel_gap, np.float32)
+      out[f"layer_channels.{q}"] = np.asarray(analysis.layer.channels, np.float32)
+      out[f"layer_gap.{q}"] = np.asarray(analysis.layer.gap, np.float32)
+      out[f"top_positive.{q}"] = np.asarray(analysis.top.positive, np.int32)
+      out[f"top_positive_scores.{q}"] = np.asarray(analysis.top.positive_scores, np.float32)
+      out[f"top_negative.{q}"] = np.asarray(analysis.top.negative, np.int32)
+      out[f"top_negative_scores.{q}"] = np.asarray(analysis.top.negative_scores, np.float32)
+      out[f"region_gaps.{q}"] = np.asarray(analysis.region_gaps, np.float32)
+      if masks is not None and q == parse_quantity(config.localization.quantity).key:
+        out.update(self._localization(out, q, indices, field_of_view, masks))
+    return out
+
+  def _localization(self, out, q, indices, field_of_view, masks) -> dict:
+    """Per image: method x lesion x metric scores (NaN where a mask is empty)."""
+    pixel = decode_map(out, f"pixel_ig.{q}")
+    positive = decode_map(out, f"positive_resultant.{q}")
+    gradient = decode_map(out, f"gradient.{q}")
+    rows = []
+    names = None
+    for i, image_masks in enumerate(masks):
+      if image_masks is None:  # padding
+        rows.append(None)
+        continue
+      shape = pixel.shape[1:3]
+      seed = self.config.seed * _RANDOM_MAP_SEED_STRIDE + int(indices[i])
+      maps = {
+          "pixel_ig": localization.saliency(pixel[i], mode="positive"),
+          "active_regions": localization.saliency(positive[i], mode="positive"),
+          "gradient": localization.saliency(gradient[i], mode="absolute"),
+          "random": localization.random_map(seed, shape),
+      }
+      scores = localization.score_maps(maps, image_masks, field_of_view)
+      if names is None:
+        methods = list(scores)
+        lesions = list(scores[methods[0]])
+        metrics = list(scores[methods[0]][lesions[0]])
+        names = (methods, lesions, metrics)
+      methods, lesions, metrics = names
+      rows.append(np.array([[[scores[m][l][k] for k in metrics] for l in lesions]
+                            for m in methods], np.float32))
+    methods, lesions, metrics = names
+    filled = [r if r is not None else np.full_like(rows[0] if rows[0] is not None else
+                                                   np.zeros((len(methods), len(lesions),
+                                                             len(metrics)), np.float32), np.nan)
+              for r in rows]
+    return {f"localization.{q}": np.stack(filled),
+            "localization_methods": np.array(methods),
+            "localization_lesions": np.array(lesions),
+            "localization_metrics": np.array(metrics)}
