@@ -9,15 +9,11 @@ Rerunning the same command resumes: finished shards are kept, the rest are
 attributed. A different config in the same --workdir is refused (the config
 is stored there as analysis_config.json). See docs/analysis.md for the outputs.
 
-Arguments (``--config=configs/analyze.py:ARG``):
-  (none)    full size: the trained model in ``config.checkpoint`` on its data
-            set's whole test split, 50 IG steps, 3 quantities. Needs an
-            accelerator for EyePACS-sized splits (see the README's sizing).
-  runlocal  the demo: ``workdirs/runlocal`` (configs/base.py:runlocal), 12 test
-            images at 128 px, 16 steps, every experiment: 2 min 14 s on an idle
-            2-core CPU (2026-11-28), about a minute of it compilation.
-  tiny      tests: give ``checkpoint`` (or ``init``) and ``data.data_dir``; a
-            few images of the tiny synthetic data, 4 steps.
+Arguments (``--config=configs/analyze.py:ARG``): the ``ARGS`` table below,
+which ``python -m drig.analyze --help`` lists. Expected runtimes: ``runlocal``
+about 2.5 min on the 2-core development CPU (the demo's analysis step), about a
+minute of it compilation; ``tiny`` seconds; the full size on the EyePACS test
+set needs an accelerator (estimates per machine in docs/scaling.md).
 
 The model comes from ``checkpoint`` (a drig training workdir: its config.json
 gives the model and data sections, and the checkpoint restored is
@@ -33,10 +29,21 @@ skipped and listed in skipped.json and the report.
 
 import ml_collections
 
+import configs
 from configs import model as model_config
+
+ARGS = {
+    "": "full size: the model in config.checkpoint on its data set's whole test split, "
+        "50 IG steps, 3 quantities; needs an accelerator for EyePACS-sized splits",
+    "runlocal": "the demo: workdirs/runlocal (configs/base.py:runlocal), 12 test images at "
+                "128 px, 16 steps, every experiment; about 2.5 min on a 2-core CPU",
+    "tiny": "tests: give checkpoint (or init) and data.data_dir; 6 images of the tiny "
+            "synthetic data, 4 steps",
+}
 
 
 def get_config(arg=None):
+  arg = configs.resolve_arg("configs/analyze.py", ARGS, arg)
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -110,9 +117,7 @@ def get_config(arg=None):
   config.linearity.clip = False  # True: clip to the valid range [-1, 1] (the poster's clip)
   config.linearity.layers = ("fc1", "fc2")
 
-  if arg in (None, "", "default"):
-    pass
-  elif arg == "runlocal":
+  if arg == "runlocal":
     config.checkpoint = "workdirs/runlocal"
     config.num_images = 12
     config.shard_size = 4
@@ -135,6 +140,4 @@ def get_config(arg=None):
     config.linearity.num_images = 1
     config.linearity.count = 4
     config.model = model_config.get_model_config("tiny")
-  else:
-    raise ValueError(f"unknown configs/analyze.py argument {arg!r}; use runlocal or tiny")
   return config

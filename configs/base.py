@@ -14,25 +14,34 @@ fine-tuning decay, whereas SGD at 1e-3 would barely move a fresh head in 1395
 steps. ``config.optimizer.name`` offers ``adamw``, ``sgd`` (momentum, Nesterov)
 and ``rmsprop`` (the optimizer Inception-v3 was trained with).
 
-Arguments (``--config=configs/base.py:ARG``):
-  (none)    full size: 256 px input, the whole Inception-v3, 1395 steps of 32
-            images. Needs an accelerator: about 10 min on one modern GPU.
-  runlocal  a 2-core CPU: the quarter-width Inception-v3 at 128 px on the small
-            synthetic split, with the schedule shrunk proportionally. See the
-            README for its measured time and kappa.
-  tiny      seconds, for tests: a minimal model and data set.
+Arguments (``--config=configs/base.py:ARG``): the ``ARGS`` table below, which
+``python -m drig.train --help`` lists. Expected runtimes: ``runlocal`` about
+4 min 15 s of training on the 2-core development CPU (the demo's training step,
+compilation and evaluations included); the full size about 4 hours of compute
+on that CPU, a few minutes on one GPU (estimates, docs/scaling.md); ``tiny``
+seconds.
 """
 
 import ml_collections
 
+import configs
 from configs import data as data_config
 from configs import model as model_config
 
 POSTER_LEARNING_RATES = (1e-3, 2e-4, 5e-5)
 POSTER_STEPS = (550, 350, 495)
 
+ARGS = {
+    "": "full size: the whole Inception-v3 at 256 px, 1395 steps of 32 images; needs an "
+        "accelerator",
+    "runlocal": "the demo on a 2-core CPU: quarter-width Inception-v3 at 128 px on "
+                "synthetic_fundus/runlocal, schedule scaled to 40% (558 steps), about 4 min",
+    "tiny": "tests: a minimal model on synthetic_fundus/tiny, 10 steps, seconds",
+}
+
 
 def get_config(arg=None):
+  arg = configs.resolve_arg("configs/base.py", ARGS, arg)
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -79,9 +88,7 @@ def get_config(arg=None):
   config.checkpoint_every = 100
   config.keep_checkpoints = 3
 
-  if arg in (None, "", "default"):
-    pass
-  elif arg == "runlocal":
+  if arg == "runlocal":
     config.schedule.steps = _scaled(POSTER_STEPS, 0.4)
     config.eval_every = 100
     config.checkpoint_every = 50
@@ -93,8 +100,6 @@ def get_config(arg=None):
     config.log_every = 2
     config.eval_every = 5
     config.checkpoint_every = 2
-  else:
-    raise ValueError(f"unknown configs/base.py argument {arg!r}; use runlocal or tiny")
   return config
 
 

@@ -11,16 +11,24 @@ Needs, before the first run (nothing is downloaded at run time):
     ``config.init.path`` (default ``data/weights/...``).
 Missing either stops the run at start-up with the download instructions.
 
-Expected runtime: 1395 steps of 32 images at 256 px, about 10-15 minutes on one
-H100-class GPU after the data set is generated (generation: hours on a CPU,
-dominated by JPEG decoding of 88k photographs). ``:runlocal`` is not offered:
-EyePACS needs an accelerator.
+Expected runtime: 1395 steps of 32 images at 256 px, estimated at a few minutes
+on one H100-class GPU once the data set is generated (docs/scaling.md; not yet
+measured). Generation preprocesses 88,712 photographs once: 35-70 core-minutes
+(docs/data.md). The only argument is the default (``ARGS``): EyePACS needs an
+accelerator, so there is no ``runlocal``.
 """
 
+import configs
 from configs import base
+
+ARGS = {
+    "": "the poster's recipe on EyePACS from Keras' ImageNet weights, bfloat16; needs your "
+        "Kaggle download, the weights file and an accelerator",
+}
 
 
 def get_config(arg=None):
+  arg = configs.resolve_arg("configs/kaggle.py", ARGS, arg)
   config = base.get_config(arg)
   config.data.name = "eyepacs"
   config.data.builder_config = f"drig-{config.data.image_size}"

@@ -8,16 +8,24 @@ weights:
       --input=inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 \
       --output=workdirs/imagenet_init --config=configs/model.py
 
-Arguments (``configs/model.py:ARG``):
-  (none)       the poster's model: the full Inception-v3 base and two fully
-               connected layers, Keras conventions.
-  torchvision  the same with torchvision's conventions (for its weights).
-  inception    a bare Inception-v3 with the 1000-class ImageNet top.
-  runlocal     the quarter-width variant for a 2-core CPU.
-  tiny         a minimal variant for tests.
+Arguments (``configs/model.py:ARG``): the ``ARGS`` table below, which
+``python -m drig.import_weights --help`` lists. Expected runtime: an import
+runs in seconds to minutes on a CPU (reading the file, initialising the head,
+writing the checkpoint).
 """
 
 import ml_collections
+
+import configs
+
+ARGS = {
+    "": "the poster's model: the full Inception-v3 base and two fully connected layers, "
+        "Keras conventions",
+    "torchvision": "the same with torchvision's conventions (for its weights)",
+    "inception": "a bare Inception-v3 with the 1000-class ImageNet top",
+    "runlocal": "the quarter-width variant for a 2-core CPU",
+    "tiny": "a minimal variant for tests",
+}
 
 
 def get_model_config(arg=None) -> ml_collections.ConfigDict:
@@ -27,6 +35,7 @@ def get_model_config(arg=None) -> ml_collections.ConfigDict:
   ("keras" or "torchvision"), width_multiplier, fc_widths, activation,
   dropout, dtype and param_dtype (names: "float32", "bfloat16").
   """
+  arg = configs.resolve_arg("configs/model.py", ARGS, arg)
   model = ml_collections.ConfigDict()
   model.name = "dr_classifier"
   model.num_classes = 5
@@ -39,9 +48,7 @@ def get_model_config(arg=None) -> ml_collections.ConfigDict:
   model.dropout = 0.5
   model.dtype = "float32"            # "bfloat16" on accelerators
   model.param_dtype = "float32"
-  if arg in (None, "", "default"):
-    pass
-  elif arg == "torchvision":
+  if arg == "torchvision":
     model.convention = "torchvision"
   elif arg == "inception":
     model.name = "inception_v3"
@@ -52,9 +59,6 @@ def get_model_config(arg=None) -> ml_collections.ConfigDict:
   elif arg == "tiny":
     model.width_multiplier = 0.0625
     model.fc_widths = (16, 8)
-  else:
-    raise ValueError(f"unknown configs/model.py argument {arg!r}; use torchvision, inception, "
-                     "runlocal or tiny")
   return model
 
 

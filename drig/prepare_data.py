@@ -14,8 +14,16 @@ from ml_collections import config_flags
 
 from drig.data import datasets
 
+try:  # --help prints this docstring: add the configs' ARGS tables
+  import configs  # pylint: disable=g-import-not-at-top
+  __doc__ += "\n" + configs.arguments_help("data") + "\n"
+except ImportError:  # run from outside the repository, where configs/ is not importable
+  pass
+
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/data.py", "Config file (reads config.data).", lock_config=True)
+    "config", "configs/data.py",
+    "Config file[:ARG] (reads config.data; a training config works too); ARGs above.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/data", "Where the preview PNGs go.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "TFDS data directory; overrides config.data.data_dir.")

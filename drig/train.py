@@ -11,7 +11,14 @@ from ml_collections import config_flags
 
 from drig import runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:arg].",
+try:  # --help prints this docstring: add the configs' ARGS tables
+  import configs  # pylint: disable=g-import-not-at-top
+  __doc__ += "\n" + configs.arguments_help("base", "kaggle") + "\n"
+except ImportError:  # run from outside the repository, where configs/ is not importable
+  pass
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file[:ARG]; the files and their ARGs are listed above.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 _DISTRIBUTED = runtime.define_distributed_flag()
@@ -22,6 +29,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   runtime.setup_process(_DISTRIBUTED.value)
+  # After setup_process (XLA_FLAGS, jax.distributed), so no import can start a backend first.
   from drig.training import trainer  # pylint: disable=g-import-not-at-top
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

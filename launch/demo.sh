@@ -15,8 +15,10 @@ python -m drig.analyze --config=configs/analyze.py:runlocal --workdir="$WORKDIR/
 echo
 echo "Data previews:   $WORKDIR/data"
 echo "Training run:    $WORKDIR/runlocal (metrics.jsonl, tensorboard/, checkpoints/)"
+echo "Training curves: .venv/bin/tensorboard --logdir $WORKDIR/runlocal"
 echo "Final metrics:   $WORKDIR/runlocal/final_metrics.json"
 echo "Analysis report: $WORKDIR/analysis/report.html ($WORKDIR/analysis/report.md)"
 echo "Analysis metrics: $WORKDIR/analysis/metrics.json"
+echo "Notebook:        examples/quickstart.ipynb (DRIG_RUN=$WORKDIR/runlocal)"
 echo "Figures:"
 ls -1 "$WORKDIR"/analysis/figures/*.png

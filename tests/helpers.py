@@ -21,3 +21,46 @@ def flatten(tree, prefix=""):
       out.update(flatten(value, f"{prefix}{key}/"))
     return out
   return {prefix.rstrip("/"): tree}
+
+
+def write_trained_run(run_dir, seed=0):
+  """A drig.train-like workdir of the tiny model in ``run_dir``: config.json and checkpoints/.
+
+  The variables are random of the right shapes (He-scaled kernels, so
+  activations stay of order 1), filled with numpy: model.init would compile
+  the whole network only to be overwritten. Returns (variables, image size).
+  Shared by the README-snippet and notebook tests.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs import base as base_config  # pylint: disable=g-import-not-at-top
+  from drig.models import checkpoints, classifier  # pylint: disable=g-import-not-at-top
+
+  config = base_config.get_config("tiny")
+  with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  model = classifier.build_model(config.model)
+  size = config.data.image_size
+  shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, size, size, 3), np.float32))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      return rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:-1])), leaf.shape).astype(np.float32)
+    if name == "var":
+      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+    return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
+  variables = jax.tree_util.tree_map_with_path(fill, shapes)
+  checkpoints.save_variables(os.path.join(run_dir, "checkpoints"), variables)
+  return variables, size
+
+
+def write_fundus_photo(path, seed=3, grade=3, size=256):
+  """A synthetic fundus photograph of ``grade`` written as a JPEG at ``path``."""
+  from drig.data import synthetic_fundus  # pylint: disable=g-import-not-at-top
+  image, _ = synthetic_fundus.render_fundus(seed, grade=grade, size=size)
+  with open(path, "wb") as f:
+    f.write(synthetic_fundus.encode_jpeg(image, 92))
+  return str(path)

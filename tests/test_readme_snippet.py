@@ -3,7 +3,8 @@
 The snippet is read from README.md between the notebook-snippet markers and
 executed verbatim, except its one ``RUN, PHOTO = ...`` line, which points at a
 tiny trained-run fixture (config.json + a drig checkpoint of the tiny model)
-and a synthetic fundus photograph written as JPEG.
+and a synthetic fundus photograph written as JPEG, both from tests/helpers.py
+(tests/test_notebook.py runs the example notebook on the same fixtures).
 """
 
 import json
@@ -17,10 +18,8 @@ import matplotlib
 import numpy as np
 import pytest
 
-from configs import base as base_config
 from drig import preprocess
-from drig.data import synthetic_fundus
-from drig.models import classifier, importer
+import helpers  # tests/helpers.py
 
 matplotlib.use("Agg")  # no display; before the snippet imports pyplot
 
@@ -45,34 +44,13 @@ def readme_snippet() -> str:
 def trained_run(tmp_path_factory):
   """A drig.train-like workdir: config.json and a checkpoint of the tiny model."""
   run = tmp_path_factory.mktemp("run")
-  config = base_config.get_config("tiny")
-  with open(run / "config.json", "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  model = classifier.build_model(config.model)
-  size = config.data.image_size
-  # Random variables of the right shapes, filled with numpy: model.init would
-  # compile the whole network only to be overwritten.
-  shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, size, size, 3), np.float32))
-  rng = np.random.default_rng(0)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name == "kernel":  # He-scaled, so activations stay of order 1
-      return rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:-1])), leaf.shape).astype(np.float32)
-    if name == "var":
-      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-    return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
-  variables = jax.tree_util.tree_map_with_path(fill, shapes)
-  importer.save_variables(str(run / "checkpoints"), variables)
+  variables, size = helpers.write_trained_run(str(run))
   return str(run), variables, size
 
 
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory):
-  image, _ = synthetic_fundus.render_fundus(3, grade=3, size=256)
-  path = tmp_path_factory.mktemp("photo") / "fundus.jpg"
-  path.write_bytes(synthetic_fundus.encode_jpeg(image, 92))
-  return str(path)
+  return helpers.write_fundus_photo(tmp_path_factory.mktemp("photo") / "fundus.jpg")
 
 
 def test_snippet_runs_as_written(trained_run, photo):
@@ -110,7 +88,7 @@ root = logging.getLogger()
 before = (list(root.handlers), root.level)
 import drig, drig.attribution, drig.models, drig.analysis, drig.preprocess
 import drig.attribution.heatmap, drig.models.inception_v3, drig.models.classifier
-import drig.models.importer, drig.models.layer_access
+import drig.models.importer, drig.models.layer_access, drig.models.checkpoints, drig.grading
 from jax._src import xla_bridge
 print(json.dumps(dict(
     tensorflow=sorted(m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow.")),
