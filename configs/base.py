@@ -60,7 +60,8 @@ def get_config(arg=None):
   config.model = model_config.get_model_config(arg)
 
   # Where the initial weights come from: random, keras_h5, keras3, torchvision
-  # or drig (a drig checkpoint directory). Never silent: a report is written.
+  # or drig (a drig checkpoint directory, or a drig.train workdir: its latest
+  # checkpoint). Never silent: a report is written.
   config.init = ml_collections.ConfigDict()
   config.init.source = "random"
   config.init.path = ""

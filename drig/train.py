@@ -2,7 +2,9 @@ r"""Trains the DR grader.
 
   python -m drig.train --config=configs/base.py:runlocal --workdir=workdirs/runlocal
 
-Rerunning the same command resumes from the last checkpoint in --workdir.
+Rerunning the same command resumes from the last checkpoint in --workdir. A
+workdir refuses a second concurrent run and a changed config (only the fields
+in drig.training.workdir.RESUMABLE_FIELDS may change), with a one-line error.
 """
 
 from absl import app
@@ -10,6 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from drig import runtime
+from drig.training import workdir as workdir_lib
 
 try:  # --help prints this docstring: add the configs' ARGS tables
   import configs  # pylint: disable=g-import-not-at-top
@@ -31,7 +34,11 @@ def main(argv):
   runtime.setup_process(_DISTRIBUTED.value)
   # After setup_process (XLA_FLAGS, jax.distributed), so no import can start a backend first.
   from drig.training import trainer  # pylint: disable=g-import-not-at-top
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except workdir_lib.WorkdirError as e:
+    # The message says what to do; a traceback would only bury it.
+    raise SystemExit(f"drig.train: error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -66,6 +66,15 @@ def test_class_counts_follow_the_poster():
   np.testing.assert_array_equal(sampling.class_counts(3, (1 / 3, 1 / 3, 1 / 3)), [1, 1, 1])
 
 
+def test_batch_unit_is_the_smallest_batch_with_whole_class_counts():
+  for proportions, unit in ((POSTER, 16), ((0.5, 0.25, 0.25), 4), ((1, 1, 1), 3), ((2, 2), 2)):
+    assert sampling.batch_unit(proportions) == unit
+    sampling.class_counts(unit, proportions)  # whole counts: no error
+    for smaller in range(1, unit):
+      with pytest.raises(ip.InputPipelineError):
+        sampling.class_counts(smaller, proportions)
+
+
 @pytest.mark.parametrize("batch_size,proportions,message", [
     (24, POSTER, "multiple of 16"),
     (32, (0.5, 0.2, 0.2), "sum to"),

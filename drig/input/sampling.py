@@ -56,12 +56,17 @@ def class_counts(batch_size: int, proportions: Sequence[float]) -> np.ndarray:
   shares = _normalised_shares(proportions)
   counts = [batch_size * s for s in shares]
   if any(c.denominator != 1 for c in counts):
-    period = math.lcm(*(s.denominator for s in shares))
+    period = batch_unit(proportions)
     raise InputPipelineError(
         f"batch_size {batch_size} with class proportions {tuple(proportions)} gives per-class"
         f" counts {tuple(float(c) for c in counts)}, which are not all integers; use a multiple"
         f" of {period}")
   return np.asarray([int(c) for c in counts], np.int64)
+
+
+def batch_unit(proportions: Sequence[float]) -> int:
+  """The smallest batch size whose per-class counts are all integers (16 for 8:1:2:1:4)."""
+  return math.lcm(*(s.denominator for s in _normalised_shares(proportions)))
 
 
 def _normalised_shares(proportions: Sequence[float]) -> list[fractions.Fraction]:

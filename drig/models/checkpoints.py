@@ -3,9 +3,11 @@
 Written by ``save_variables`` (and so by ``python -m drig.import_weights``) or
 by a training run's ``CheckpointManager``. ``read_drig_checkpoint`` accepts an
 item directory, a step directory, or the manager's root (whose latest step is
-taken, or the one asked for), and restores onto one local device whatever the
-sharding at save time; the item must hold a state with ``params`` (and
-``batch_stats``). Problems raise ``WeightImportError`` naming the directory.
+taken, or the one asked for) or a training workdir (its ``checkpoints``
+root), and restores onto one local device whatever the sharding at save time;
+the item must hold a state with ``params`` (and ``batch_stats``). Problems
+raise ``WeightImportError`` naming the directory; files that orbax cannot read
+raise its subclass ``DamagedCheckpointError`` naming the step, in one line.
 
 orbax is imported inside the functions that use it: it takes about 1.5 s to
 import, which every ``import drig.models...`` would otherwise pay.
@@ -38,6 +40,37 @@ def save_variables(path: str, variables: Mapping[str, Any], *, overwrite: bool =
   checkpointer.close()
 
 
+# The longest reason quoted from orbax/TensorStore, whose messages run to pages.
+_MAX_REASON = 300
+
+
+class DamagedCheckpointError(WeightImportError):
+  """A checkpoint's files cannot be read (truncated, missing or garbled)."""
+
+  def __init__(self, path: str, step: Optional[int], reason: str):
+    self.step = step
+    self.reason = reason
+    at = f"step {step} " if step is not None else ""
+    super().__init__(path, f"checkpoint {at}is damaged and cannot be read: {reason}")
+
+
+def one_line_reason(error: BaseException) -> str:
+  """The first line of ``error``'s message with its type, at most _MAX_REASON characters."""
+  lines = str(error).strip().splitlines()
+  # TensorStore appends its whole spec after this phrase, on the same line.
+  first = lines[0].split(" See full TensorStore details")[0].strip() if lines else ""
+  text = f"{type(error).__name__}: {first}" if first else type(error).__name__
+  return text if len(text) <= _MAX_REASON else text[:_MAX_REASON - 3] + "..."
+
+
+def step_of(item_dir: str) -> Optional[int]:
+  """The step of a manager's item or step directory (``.../<step>/default``), or None."""
+  for name in (os.path.basename(item_dir), os.path.basename(os.path.dirname(item_dir))):
+    if name.isdigit():
+      return int(name)
+  return None
+
+
 def _is_item_dir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, "_METADATA"))
 
@@ -47,13 +80,17 @@ def resolve_checkpoint_dir(path: str, step: Optional[int] = None) -> str:
 
   A manager root (numbered step subdirectories) resolves to ``step``, by
   default the latest committed one; a step directory to its item (``state``,
-  ``default``, or its only item).
+  ``default``, or its only item); a training workdir (with ``config.json``
+  and ``checkpoints/``) to its manager root's.
   """
   path = os.path.abspath(str(path))
   if not os.path.isdir(path):
     raise WeightImportError(path, "no such checkpoint directory")
   if _is_item_dir(path):
     return path
+  if (os.path.isfile(os.path.join(path, "config.json"))
+      and os.path.isdir(os.path.join(path, "checkpoints"))):
+    return resolve_checkpoint_dir(os.path.join(path, "checkpoints"), step)
   entries = sorted(os.listdir(path))
   steps = sorted(int(e) for e in entries
                  if e.isdigit() and os.path.isdir(os.path.join(path, e))
@@ -98,7 +135,7 @@ def read_drig_checkpoint(path: str, step: Optional[int] = None) -> ImportedWeigh
   except WeightImportError:
     raise
   except Exception as e:  # orbax/tensorstore raise many types for damaged files.
-    raise WeightImportError(item, f"cannot be restored by orbax: {e}") from e
+    raise DamagedCheckpointError(item, step_of(item), one_line_reason(e)) from e
   finally:
     checkpointer.close()
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats") or {}}

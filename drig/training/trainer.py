@@ -16,6 +16,7 @@ Design:
   that only need this module's step functions would otherwise pay.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -36,11 +37,14 @@ from drig import input_pipeline
 from drig import parallel
 from drig import prng
 from drig.data import datasets
+from drig.input import sampling
 from drig.models import classifier
 from drig.models import initialization
 from drig.training import metrics as metrics_lib
 from drig.training import metric_writer as metric_writer_lib
 from drig.training import optimizer as optimizer_lib
+from drig.training import resume
+from drig.training import workdir as workdir_lib
 
 
 @flax.struct.dataclass
@@ -222,32 +226,47 @@ def check_inputs(config) -> None:
 
 
 def train_and_evaluate(config, workdir: str) -> TrainResult:
-  """Trains the DR grader described by ``config``; resumes from ``workdir``."""
+  """Trains the DR grader described by ``config``; resumes from ``workdir``.
+
+  Raises:
+    drig.training.workdir.ConfigMismatchError: ``workdir`` holds a run of
+      another config (nothing is written).
+    drig.training.workdir.WorkdirLockedError: another process trains in
+      ``workdir``.
+    drig.training.resume.NoIntactCheckpointError: no checkpoint of
+      ``workdir`` can be read.
+  """
+  check_inputs(config)
+  is_writer = jax.process_index() == 0
+  # Only host 0 writes, so only it locks (the lock lives on the shared file system).
+  with workdir_lib.WorkdirLock(workdir) if is_writer else contextlib.nullcontext():
+    workdir_lib.check_config(workdir, config)
+    return _train_and_evaluate(config, workdir, is_writer)
+
+
+def _train_and_evaluate(config, workdir: str, is_writer: bool) -> TrainResult:
+  """``train_and_evaluate`` once the workdir is checked and locked."""
   # Lazy: orbax is slow to import (see the module docstring).
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  check_inputs(config)
-
-  is_writer = jax.process_index() == 0
   mesh = parallel.data_mesh()
-  parallel.check_global_batch(config.batch_size, mesh)
+  # Every device and host gets whole rows, and every batch whole per-class counts.
+  proportions = config.data.get("class_proportions", sampling.DEFAULT_CLASS_PROPORTIONS)
+  parallel.check_global_batch(config.batch_size, mesh,
+                              multiple_of=sampling.batch_unit(proportions))
   parallel.log_mesh(mesh, "training")
   os.makedirs(workdir, exist_ok=True)
   if is_writer:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdir_lib.write_config(workdir, config)
 
   root_key = jax.random.key(config.seed)
   model = classifier.build_model(config.model)
-  total_steps = sum(config.schedule.steps)
   schedule = optimizer_lib.learning_rate_schedule(config.schedule.learning_rates,
                                                   config.schedule.steps)
   tx = optimizer_lib.make_optimizer(config.optimizer, schedule)
 
   sources = load_sources(config.data, prepare=True)
 
-  checkpoints = make_checkpoint_manager(os.path.join(workdir, "checkpoints"),
-                                        config.keep_checkpoints)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def fresh_state():
@@ -262,24 +281,44 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
                       batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(variables["params"]))
 
-  latest = checkpoints.latest_step()
-  if latest is None:
-    state = parallel.replicate(fresh_state(), mesh)
-  else:
-    def abstract_state():
-      dummy = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
-      variables = model.init({"params": root_key, "dropout": root_key}, dummy, train=False)
-      return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                        batch_stats=variables.get("batch_stats", {}),
-                        opt_state=tx.init(variables["params"]))
+  def abstract_state():
+    dummy = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
+    variables = model.init({"params": root_key, "dropout": root_key}, dummy, train=False)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(variables["params"]))
 
-    abstract = jax.eval_shape(abstract_state)
+  def restore(manager, step):
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-    state = checkpoints.restore(latest, args=ocp.args.StandardRestore(abstract))
-    logging.info("resumed from %s at step %d", checkpoints.directory, latest)
-  start_step = int(state.step)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        jax.eval_shape(abstract_state))
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
+  checkpoints, state, latest = resume.restore_latest_intact(
+      functools.partial(make_checkpoint_manager, os.path.join(workdir, "checkpoints"),
+                        config.keep_checkpoints), restore, is_writer=is_writer)
+  # From here on every exit closes the manager first, in order: an open one
+  # leaves asyncio threads that flood stderr when the interpreter exits.
+  try:
+    if latest is None:
+      state = parallel.replicate(fresh_state(), mesh)
+    else:
+      logging.info("resumed from %s at step %d", checkpoints.directory, latest)
+    return _train_loop(config, workdir, is_writer, state=state, checkpoints=checkpoints,
+                       model=model, tx=tx, schedule=schedule, root_key=root_key, mesh=mesh,
+                       sources=sources)
+  finally:
+    checkpoints.close()
+
+
+def _train_loop(config, workdir, is_writer, *, state, checkpoints, model, tx, schedule,
+                root_key, mesh, sources) -> TrainResult:
+  """Trains from ``state`` to the end of the schedule, evaluating and checkpointing."""
+  # Lazy: orbax is slow to import (see the module docstring).
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  total_steps = sum(config.schedule.steps)
+  start_step = int(state.step)
   train_step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, root_key=root_key,
                         freeze_base_steps=config.freeze_base_steps, schedule=schedule),
@@ -344,7 +383,6 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
                     if "test" in sources else None)
   finally:
     checkpoints.wait_until_finished()
-    checkpoints.close()
     writer.close()
     close = getattr(train_batches, "close", None)
     if close is not None:
