@@ -68,7 +68,7 @@ def get_config(arg=None):
 
   # Quantities of interest: "predicted", "grade:K" or "diff:A:B" (probabilities).
   config.quantities = ("predicted", "grade:0", "grade:4")
-  config.steps = 50
+  config.steps = 50                # IG path points (>= 1; >= 2 for "trapezoid")
   config.method = "riemann_right"  # the poster's sum over k = 1..m
   config.chunk_size = 0            # path points per image per call; 0: automatic
   # Parts each model call's batch is split into; 0: automatic (2 on a one-device
@@ -77,7 +77,7 @@ def get_config(arg=None):
   config.storage_dtype = "float16"  # maps in the shards: float16 (scaled) or float32
 
   config.layer = "Conv2d_4a_3x3"   # the stem's last convolution, before mixed0
-  config.top_k = 10
+  config.top_k = 10               # neurons of each sign (>= 1; at most the layer has)
   # What a neuron is: "unit" (one channel at one position, the poster's "single
   # neuron", whose active region "is quite small and concentrate"; integrated on a
   # crop around its receptive field, about 2x faster at the stem) or "channel"

@@ -7,6 +7,8 @@ r"""Batch attribution of a trained DR grader: the poster's figures, scores and e
 Rerunning the same command skips finished shards. See docs/analysis.md.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -32,8 +34,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   runtime.setup_process(_DISTRIBUTED.value)
   # After setup_process (XLA_FLAGS, jax.distributed), so no import can start a backend first.
-  from drig.analysis import job  # pylint: disable=g-import-not-at-top
-  result = job.run_analysis(_CONFIG.value, _WORKDIR.value)
+  from drig.analysis import errors  # pylint: disable=g-import-not-at-top
+  from drig.analysis import validation  # pylint: disable=g-import-not-at-top
+  try:
+    # Before the job's heavy imports (data sets, figures): a bad value fails in a second.
+    validation.validate_config(_CONFIG.value)
+    from drig.analysis import job  # pylint: disable=g-import-not-at-top
+    result = job.run_analysis(_CONFIG.value, _WORKDIR.value)
+  except errors.AnalysisError as e:
+    sys.exit(f"drig.analyze: {type(e).__name__}: {' '.join(str(e).split())}")  # one line, status 1
   if result.report:
     print(f"Report:  {result.report['markdown']}\n         {result.report['html']}")
     print(f"Metrics: {result.report['metrics']}")

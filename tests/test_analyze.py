@@ -3,10 +3,12 @@
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -158,8 +160,59 @@ def test_missing_checkpoint_is_named(setup, tmp_path):
     job.run_analysis(_config(setup, checkpoint=str(tmp_path / "nowhere")), str(tmp_path / "w"))
   with pytest.raises(errors.AnalysisError, match="unknown quantity"):
     job.run_analysis(_config(setup, quantities=("grade:7",)), str(tmp_path / "w2"))
-  with pytest.raises(ValueError, match="config.neurons must be 'channel' or 'unit'"):
+  with pytest.raises(errors.AnalysisError, match=r"config\.neurons='neuron' is not allowed"):
     job.run_analysis(_config(setup, neurons="neuron"), str(tmp_path / "w3"))
+
+
+def test_bad_value_leaves_the_workdir_to_the_corrected_command(setup, finished, tmp_path):
+  # finished compiled the same shapes: the corrected run reuses its programs.
+  cheap = {"num_images": 2, "randomisation.num_images": 0, "linearity.num_images": 0,
+           "counterfactuals.max_images": 0, "figures.num_images": 1}
+  workdir = tmp_path / "corrected"
+  started = time.perf_counter()
+  with pytest.raises(errors.AnalysisError, match=r"config\.top_k=-3 is not allowed"):
+    job.run_analysis(_config(setup, top_k=-3, **cheap), str(workdir))
+  assert time.perf_counter() - started < 10  # refused before any compilation
+  assert not workdir.exists()
+  result = job.run_analysis(_config(setup, **cheap), str(workdir))
+  assert result.num_images == 2 and len(result.shards_written) == 1
+  workdir_finished, _ = finished
+  _assert_shards_equal(_shard_arrays(workdir), _shard_arrays(workdir_finished)[:1])
+
+
+def test_damaged_shards_are_moved_aside_and_redone_with_equal_outputs(setup, finished,
+                                                                      tmp_path, caplog):
+  workdir, first = finished
+  copy = tmp_path / "damaged"
+  shutil.copytree(workdir, copy)
+  # Shard 1 cut in half (seen at the start); shard 2 damaged inside a map (its zip index
+  # is intact, so only reading it shows it) with the report to redo.
+  truncated = copy / "shards" / "shard-00001.npz"
+  half = truncated.read_bytes()[:truncated.stat().st_size // 2]
+  truncated.write_bytes(half)
+  inside = copy / "shards" / "shard-00002.npz"
+  data = bytearray(inside.read_bytes())
+  with zipfile.ZipFile(inside) as archive:
+    info = archive.getinfo("pixel_ig.predicted.npy")
+  middle = info.header_offset + 100 + info.compress_size // 2
+  data[middle:middle + 64] = bytes(64)
+  inside.write_bytes(bytes(data))
+  os.remove(copy / "metrics.json")
+  with caplog.at_level("WARNING"):
+    with pytest.raises(errors.AnalysisError, match=f"shard file {inside} cannot be read"):
+      job.run_analysis(_config(setup), str(copy))
+  warnings = [r.getMessage() for r in caplog.records if "damaged shard" in r.getMessage()]
+  assert len(warnings) == 1 and str(truncated) in warnings[0] and "BadZipFile" in warnings[0]
+  aside = sorted(glob.glob(str(copy / "shards" / "*.damaged-*")))
+  assert [os.path.basename(p).split(".damaged-")[0] for p in aside] == [
+      "shard-00001.npz", "shard-00002.npz"]
+  assert open(aside[0], "rb").read() == half  # kept, not deleted
+  assert not inside.exists()
+  again = job.run_analysis(_config(setup), str(copy))
+  assert again.shards_written == [str(inside)]
+  _assert_shards_equal(_shard_arrays(copy), _shard_arrays(workdir))
+  assert (json.loads((copy / "metrics.json").read_text())
+          == json.loads(open(first.report["metrics"], encoding="utf-8").read()))
 
 
 def test_corrupt_photograph_is_skipped_and_reported(setup, tmp_path):

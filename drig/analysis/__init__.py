@@ -5,6 +5,8 @@ experiments below it):
 
 * ``job``: ``run_analysis(config, workdir)``, the orchestration: config
   check, shards per host, progress, then host 0's report.
+* ``validation``: ``validate_config(config)``, every field checked before
+  anything is loaded, compiled or written.
 * ``report``: host 0's last stage, from the shards to report.md/.html and
   metrics.json; ``report_sections`` (the figures and experiments) and
   ``report_document`` (Markdown and HTML side by side).

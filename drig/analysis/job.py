@@ -10,8 +10,12 @@ Design:
   same folder, then ``os.replace``); an existing shard file is finished work.
   Every shard is padded to ``shard_size`` images, so one program is compiled
   per shape. docs/analysis.md lists the keys.
-* The config (and the checkpoint it resolved to) is stored in the workdir;
-  a rerun with a different one is refused rather than mixing results.
+* Every config field is checked first (``validation``); only then is the
+  config (and the checkpoint it resolved to) stored in the workdir, and a
+  rerun with a different one is refused rather than mixing results.
+* An existing shard file that looks complete (its zip index, keys and
+  format_version) is finished work; a damaged one is moved aside and
+  attributed again by its host.
 * After a barrier, host 0 alone reads every shard and writes the figures,
   the localisation scores, the sanity and counterfactual experiments,
   report.md / report.html and metrics.json, each file atomically.
@@ -34,19 +38,19 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from drig import config_diff
 from drig import grading
 from drig import parallel
 from drig import preprocess
 from drig.analysis import files
 from drig.analysis import report as report_lib
 from drig.analysis import shards as shards_lib
+from drig.analysis import validation
 from drig.analysis.attributor import ShardAttributor
 from drig.analysis.errors import AnalysisError, ConfigMismatchError
 from drig.analysis.images import ImageSet, load_images
 from drig.analysis.model_source import LoadedModel, load_model
 from drig.analysis.quantity_specs import parse_quantity
-from drig.attribution import integration as ig_lib
-from drig.attribution import layer as layer_lib
 
 CONFIG_FILE = "analysis_config.json"
 
@@ -81,14 +85,6 @@ def _config_record(config, loaded: LoadedModel) -> dict:
   return {"config": config_dict, "resolved": {"model": loaded.source}}
 
 
-def _flat_items(tree, prefix=""):
-  if isinstance(tree, dict):
-    for key in sorted(tree):
-      yield from _flat_items(tree[key], f"{prefix}{key}.")
-  else:
-    yield prefix.rstrip("."), tree
-
-
 def check_workdir_config(workdir: str, record: dict, *, write: bool) -> None:
   """Stores the config record, or checks it against the stored one.
 
@@ -99,9 +95,7 @@ def check_workdir_config(workdir: str, record: dict, *, write: bool) -> None:
   if os.path.exists(path):
     stored = files.read_json(path)
     if stored != record:
-      old, new = dict(_flat_items(stored)), dict(_flat_items(record))
-      diffs = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
-               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+      diffs = config_diff.config_differences(stored, record)
       raise ConfigMismatchError(
           f"{workdir} holds the results of another analysis config ({path}); differences: "
           f"{'; '.join(diffs[:12])}. Use a new --workdir, or delete the old one to redo it.")
@@ -115,6 +109,27 @@ def _format_eta(seconds: float) -> str:
     return "?"
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def _usable_shard(path: str, keys) -> bool:
+  """Whether the shard file exists and looks complete; a damaged one is moved aside."""
+  if not os.path.exists(path):
+    return False
+  problem = shards_lib.shard_problem(path, keys)
+  if problem is None:
+    return True
+  moved = shards_lib.move_aside(path)
+  logging.warning("damaged shard %s (%s): moved to %s, attributing it again", path, problem,
+                  moved)
+  return False
+
+
+def _report_is_current(metrics_path: str, shards: list) -> bool:
+  """metrics.json exists and no shard is newer (another host may have redone one)."""
+  if not os.path.exists(metrics_path):
+    return False
+  written = os.stat(metrics_path).st_mtime_ns
+  return all(os.stat(p).st_mtime_ns <= written for p in shards)
 
 
 def _barrier(name: str) -> None:
@@ -174,38 +189,30 @@ def run_analysis(config, workdir: str) -> AnalysisResult:
     AnalysisError: a missing or wrong checkpoint, data set or setting, naming it.
     ConfigMismatchError: ``workdir`` holds results of another config.
   """
+  # Every field first: a bad value costs no compilation and leaves the workdir untouched.
+  validation.validate_config(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(os.path.join(workdir, "shards"), exist_ok=True)
-  if config.shard_size <= 0:
-    raise AnalysisError(f"config.shard_size must be positive, got {config.shard_size}")
-  if config.storage_dtype not in ("float16", "float32"):
-    raise AnalysisError(f"config.storage_dtype must be float16 or float32, "
-                        f"got {config.storage_dtype!r}")
-  for spec in list(config.quantities) + [config.localization.quantity]:
-    parse_quantity(spec)
-  ig_lib.quadrature(config.method, config.steps)  # checks method and steps
-  if config.neurons not in ("channel", "unit"):
-    raise ValueError(f"config.neurons must be 'channel' or 'unit', got {config.neurons!r}")
   is_host0 = jax.process_index() == 0
-
-  loaded = load_model(config)
-  layer_lib.check_layer_name(loaded.model, config.layer)
-  record = _config_record(config, loaded)
-  check_workdir_config(workdir, record, write=is_host0)
-  _barrier("drig:analysis_config")
-  images = load_images(config, loaded)
-  logging.info("model: %s", loaded.description)
-  logging.info("images: %s", images.description)
-
   local = jax.local_devices()
   if config.shard_size % len(local):
     raise AnalysisError(f"config.shard_size={config.shard_size} does not divide by the "
                         f"{len(local)} local devices; choose a multiple of {len(local)}")
+
+  loaded = load_model(config)
+  images = load_images(config, loaded)
+  record = _config_record(config, loaded)
+  os.makedirs(os.path.join(workdir, "shards"), exist_ok=True)
+  check_workdir_config(workdir, record, write=is_host0)
+  _barrier("drig:analysis_config")
+  logging.info("model: %s", loaded.description)
+  logging.info("images: %s", images.description)
+
   mesh = parallel.local_mesh()
   num_shards = -(-len(images) // config.shard_size)
   hosts = jax.process_count()
   mine = [s for s in range(num_shards) if s % hosts == jax.process_index()]
-  todo = [s for s in mine if not os.path.exists(shards_lib.shard_path(workdir, s))]
+  keys = shards_lib.expected_keys(parse_quantity(q).key for q in config.quantities)
+  todo = [s for s in mine if not _usable_shard(shards_lib.shard_path(workdir, s), keys)]
   logging.info("%d images in %d shards of %d; host %d of %d owns %d, %d to do; mesh %s",
                len(images), num_shards, config.shard_size, jax.process_index(), hosts,
                len(mine), len(todo), dict(mesh.shape))
@@ -240,12 +247,18 @@ def run_analysis(config, workdir: str) -> AnalysisResult:
       raise AnalysisError(f"{len(missing)} shard files are missing after every host finished "
                           f"(e.g. {missing[0]}); is {workdir} on a file system all hosts share?")
     metrics_path = os.path.join(workdir, "metrics.json")
-    if not written and os.path.exists(metrics_path):
+    if not written and _report_is_current(metrics_path, shards):
       # Nothing new and host 0's outputs complete (metrics.json is written last).
       logging.info("every shard and the report exist already: nothing to do")
       result = report_lib.finished_result(workdir, result)
     else:
-      result = report_lib.finish(config, workdir, result, loaded, images, field_of_view)
+      try:
+        result = report_lib.finish(config, workdir, result, loaded, images, field_of_view)
+      except shards_lib.ShardReadError as e:
+        # Damaged after its host checked it: keep it aside so a rerun redoes it.
+        moved = shards_lib.move_aside(e.path)
+        raise AnalysisError(f"{e}; moved to {moved}. Rerun the same command: the shard's "
+                            f"host attributes it again.") from e
   # The other hosts wait for host 0's report, so that every process leaves together.
   _barrier("drig:analysis_done")
   return result

@@ -4,14 +4,43 @@ A shard is one ``.npz`` file of per-image arrays (docs/analysis.md lists the
 keys), ``shards/shard-NNNNN.npz`` in the analysis workdir. Maps are stored with
 a per-image scale (``encode_map``) and read with ``decode_map``;
 ``load_shards`` concatenates several shards' images.
+
+A shard file can be damaged after it was written (a full disk, a copy cut
+short): ``shard_problem`` says why one cannot be used from its zip index and
+``format_version`` alone, without reading the arrays; ``read_shard`` raises a
+``ShardReadError`` naming the file; ``move_aside`` renames a damaged one
+(``shard-NNNNN.npz.damaged-<time>``) so that it is attributed again but kept.
 """
 
 import os
+import time
+from typing import Iterable, Optional
+import zipfile
 
 import numpy as np
 
+from drig.analysis.errors import AnalysisError
+
 SHARD_PATTERN = "shard-{:05d}.npz"
 SHARD_FORMAT_VERSION = 1
+# Keys every shard has, whatever the config (docs/analysis.md).
+BASE_KEYS = ("index", "name", "label", "probabilities", "prediction", "skipped_index",
+             "skipped_name", "skipped_reason", "format_version")
+# Keys every shard has per quantity key q.
+QUANTITY_KEYS = ("pixel_ig.{q}", "pixel_ig.{q}.scale", "pixel_gap.{q}", "layer_channels.{q}",
+                 "layer_gap.{q}", "top_positive.{q}", "top_positive_scores.{q}",
+                 "top_negative.{q}", "top_negative_scores.{q}", "positive_resultant.{q}",
+                 "positive_resultant.{q}.scale", "negative_resultant.{q}",
+                 "negative_resultant.{q}.scale", "region_gaps.{q}", "gradient.{q}",
+                 "gradient.{q}.scale")
+
+
+class ShardReadError(AnalysisError):
+  """A shard file that cannot be read; ``path`` names it."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f"shard file {path} cannot be read: {reason}")
+    self.path, self.reason = path, reason
 # Per-shard names rather than per-image rows: taken from the first shard.
 _NAME_KEYS = ("localization_methods", "localization_lesions", "localization_metrics")
 
@@ -48,13 +77,67 @@ def decode_map(shard: dict, key: str) -> np.ndarray:
   return values * scale.reshape((-1,) + (1,) * (values.ndim - 1))
 
 
+def expected_keys(quantity_keys: Iterable[str]) -> tuple[str, ...]:
+  """The keys a shard of quantities ``quantity_keys`` (e.g. "predicted", "grade_4") holds."""
+  return BASE_KEYS + tuple(k.format(q=q) for q in quantity_keys for k in QUANTITY_KEYS)
+
+
+def shard_problem(path: str, keys: Iterable[str] = BASE_KEYS) -> Optional[str]:
+  """Why the shard file at ``path`` cannot be used, or None if it looks complete.
+
+  Cheap: reads the zip's index (at the end of the file, so a truncated file
+  fails) and the ``format_version`` array, not the maps.
+
+  Args:
+    path: a shard file.
+    keys: the keys it must hold (``expected_keys``).
+  """
+  try:
+    with zipfile.ZipFile(path) as archive:
+      names = set(archive.namelist())
+      missing = [k for k in keys if f"{k}.npy" not in names]
+      if missing:
+        return f"missing keys {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+      with archive.open("format_version.npy") as f:
+        version = np.lib.format.read_array(f, allow_pickle=False)
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+    return f"{type(e).__name__}: {e}"
+  if version.shape != () or int(version) != SHARD_FORMAT_VERSION:
+    return f"format_version {version.tolist()!r}, expected {SHARD_FORMAT_VERSION}"
+  return None
+
+
+def read_shard(path: str) -> dict:
+  """Every array of a shard file; ShardReadError naming the file if one cannot be read."""
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      return {key: archive[key] for key in archive.files}
+  except Exception as e:  # pylint: disable=broad-except
+    # zip, zlib, CRC and npy header errors alike: the file, not the caller, is at fault.
+    raise ShardReadError(path, f"{type(e).__name__}: {e}") from e
+
+
+def move_aside(path: str) -> str:
+  """Renames a damaged shard file to ``<path>.damaged-<time>`` (kept for inspection)."""
+  target = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+  suffix = 1
+  while os.path.exists(target):
+    target = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+    suffix += 1
+  os.replace(path, target)
+  return target
+
+
 def load_shards(paths) -> dict:
   """Concatenates the per-image arrays of shard files (in order); metadata from the first.
 
   Returns:
     {key: array}; per-image keys have one row per analysed image.
+
+  Raises:
+    ShardReadError: a file cannot be read (naming it).
   """
-  parts = [dict(np.load(p, allow_pickle=False)) for p in paths]
+  parts = [read_shard(p) for p in paths]
   merged = {}
   per_image = {k for part in parts for k, v in part.items()
                if v.ndim >= 1 and k not in _NAME_KEYS}

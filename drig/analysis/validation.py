@@ -1,0 +1,224 @@
+"""Checks an analysis config before anything is written, loaded or compiled.
+
+``validate_config(config)`` checks every field that has a valid range (the
+attribution settings, shards, quantities, layer names, images, figures and
+host 0's experiments) and raises an ``AnalysisError`` naming the first bad
+field, its value and what is allowed. It reads at most the training run's
+``config.json`` and builds the model (a Flax module, no weights), so a typo
+costs a second rather than a compilation, and no workdir is touched: the
+corrected command then runs in the same workdir.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import numbers
+import os
+import re
+
+import ml_collections
+
+from drig import grading
+from drig.analysis.errors import AnalysisError
+from drig.analysis.quantity_specs import parse_quantity
+from drig.attribution import integration as ig_lib
+from drig.attribution import layer as layer_lib
+from drig.models import classifier
+from drig.models import initialization
+
+STORAGE_DTYPES = ("float16", "float32")
+NEURONS = ("unit", "channel")
+RANDOMISATION_SCOPES = ("all", "head")
+COUNTERFACTUAL_BUDGETS = ("l2", "coefficient")
+
+
+def _bad(field: str, value, allowed: str) -> AnalysisError:
+  return AnalysisError(f"config.{field}={value!r} is not allowed: {allowed}")
+
+
+def _get(config, field: str):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  return value
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(float(value)))
+
+
+def _int_at_least(config, field: str, minimum: int) -> int:
+  value = _get(config, field)
+  if not _is_int(value) or value < minimum:
+    raise _bad(field, value, f"an integer >= {minimum}")
+  return int(value)
+
+
+def _one_of(config, field: str, allowed) -> str:
+  value = _get(config, field)
+  if value not in allowed:
+    raise _bad(field, value, "one of " + ", ".join(map(repr, allowed)))
+  return value
+
+
+def _positive_number(config, field: str) -> float:
+  value = _get(config, field)
+  if not _is_number(value) or value <= 0:
+    raise _bad(field, value, "a finite number > 0")
+  return float(value)
+
+
+def _grade(config, field: str, value) -> int:
+  if not _is_int(value) or not 0 <= value < grading.NUM_GRADES:
+    raise _bad(field, value, f"a grade, an integer in 0..{grading.NUM_GRADES - 1}")
+  return int(value)
+
+
+def _sequence(config, field: str):
+  value = _get(config, field)
+  if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+    raise _bad(field, value, "a non-empty list")
+  return value
+
+
+def _check_attribution(config) -> None:
+  method = _one_of(config, "method", ig_lib.METHODS)
+  _int_at_least(config, "steps", 2 if method == "trapezoid" else 1)
+  _int_at_least(config, "chunk_size", 0)
+  _int_at_least(config, "batch_groups", 0)
+  _int_at_least(config, "top_k", 1)
+  _one_of(config, "neurons", NEURONS)
+  _int_at_least(config, "shard_size", 1)
+  _one_of(config, "storage_dtype", STORAGE_DTYPES)
+  keys = []
+  for spec in _sequence(config, "quantities"):
+    try:
+      keys.append(parse_quantity(spec).key)
+    except AnalysisError as e:
+      raise _bad("quantities", tuple(config.quantities), str(e)) from e
+  if len(set(keys)) < len(keys):
+    raise _bad("quantities", tuple(config.quantities), "each quantity once")
+  try:
+    parse_quantity(config.localization.quantity)
+  except AnalysisError as e:
+    raise _bad("localization.quantity", config.localization.quantity, str(e)) from e
+  if "tolerance" in config.localization:
+    tolerance = config.localization.tolerance
+    if not _is_number(tolerance) or tolerance < 0:
+      raise _bad("localization.tolerance", tolerance, "a finite number >= 0")
+
+
+def _check_source(config) -> None:
+  """The checkpoint step, the initial weights and the images (paths only, nothing read)."""
+  if not _is_int(config.seed):
+    raise _bad("seed", config.seed, "an integer")
+  step = str(config.checkpoint_step)
+  if step not in ("best", "latest") and not re.fullmatch(r"\d+", step):
+    raise _bad("checkpoint_step", config.checkpoint_step,
+               "'best', 'latest' or a step number such as '400'")
+  if not config.checkpoint:
+    try:
+      initialization.check_weight_source(config.init.source, config.init.path)
+    except ValueError as e:
+      raise _bad("init.source", config.init.source, str(e)) from e
+    except FileNotFoundError as e:
+      raise _bad("init.path", config.init.path, str(e)) from e
+  _int_at_least(config, "num_images", 0)
+  _int_at_least(config, "data.image_size", 0)
+  if config.data.files:
+    pattern = os.path.expanduser(config.data.files)
+    if not any(os.path.isfile(p) for p in glob.iglob(pattern, recursive=True)):
+      raise _bad("data.files", config.data.files, "a glob that matches files")
+  elif not isinstance(config.data.split, str) or not config.data.split.strip():
+    raise _bad("data.split", config.data.split, "a split name such as 'test'")
+
+
+def _check_experiments(config) -> None:
+  _int_at_least(config, "figures.num_images", 0)
+  percentile = config.figures.percentile
+  if not _is_number(percentile) or not 0 < percentile <= 100:
+    raise _bad("figures.percentile", percentile, "a number in (0, 100]")
+  pair = _sequence(config, "figures.pair_grades")
+  if len(pair) != 2 or len({_grade(config, "figures.pair_grades", g) for g in pair}) != 2:
+    raise _bad("figures.pair_grades", tuple(pair), "two different grades")
+  _int_at_least(config, "randomisation.num_images", 0)
+  scope = config.randomisation.scope
+  if not isinstance(scope, str) or not scope.strip("/ "):
+    raise _bad("randomisation.scope", scope, "'all', 'head' or a parameter path")
+  _int_at_least(config, "counterfactuals.max_images", 0)
+  _int_at_least(config, "counterfactuals.search_images", 0)
+  _grade(config, "counterfactuals.target_grade", config.counterfactuals.target_grade)
+  _one_of(config, "counterfactuals.budget", COUNTERFACTUAL_BUDGETS)
+  cs = _sequence(config, "counterfactuals.cs")
+  if not all(_is_number(c) and c > 0 for c in cs):
+    raise _bad("counterfactuals.cs", tuple(cs), "finite numbers > 0")
+  _int_at_least(config, "linearity.num_images", 0)
+  _positive_number(config, "linearity.start")
+  _positive_number(config, "linearity.factor")
+  _int_at_least(config, "linearity.count", 2)
+  _sequence(config, "linearity.layers")
+
+
+def model_for_validation(config):
+  """The model the config names, built without weights (a Flax module).
+
+  Raises:
+    AnalysisError: ``config.checkpoint`` has no readable ``config.json``, or
+      the model section does not describe a model.
+  """
+  if config.checkpoint:
+    path = os.path.join(os.path.abspath(config.checkpoint), "config.json")
+    if not os.path.isfile(path):
+      raise AnalysisError(f"config.checkpoint={config.checkpoint!r}: {path} not found; point it "
+                          "at a drig training workdir (python -m drig.train --workdir)")
+    try:
+      with open(path, encoding="utf-8") as f:
+        model_config = ml_collections.ConfigDict(json.load(f)["model"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise AnalysisError(f"config.checkpoint={config.checkpoint!r}: {path} is not a drig "
+                          f"training config ({type(e).__name__}: {e})") from e
+    field = f"the model section of {path}"
+  else:
+    model_config, field = config.model, "config.model"
+  try:
+    return classifier.build_model(model_config)
+  except Exception as e:  # pylint: disable=broad-except
+    raise AnalysisError(f"{field} does not describe a drig model: {type(e).__name__}: {e}") from e
+
+
+def _check_layers(config, model) -> None:
+  try:
+    layer_lib.check_layer_name(model, config.layer)
+  except ValueError as e:
+    raise _bad("layer", config.layer, str(e)) from e
+  if config.linearity.num_images > 0:
+    for layer in config.linearity.layers:
+      try:
+        layer_lib.check_layer_name(model, layer)
+      except ValueError as e:
+        raise _bad("linearity.layers", tuple(config.linearity.layers), str(e)) from e
+
+
+def validate_config(config) -> None:
+  """Checks every field of an analysis config (configs/analyze.py) that has a valid range.
+
+  Reads nothing but the training run's config.json (for the layer names);
+  writes and compiles nothing.
+
+  Args:
+    config: an analysis config.
+
+  Raises:
+    AnalysisError: naming the first bad field, its value and what is allowed.
+  """
+  _check_attribution(config)
+  _check_source(config)
+  _check_experiments(config)
+  _check_layers(config, model_for_validation(config))
