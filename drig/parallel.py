@@ -33,6 +33,7 @@ Importing this module has no side effects.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 from absl import logging
@@ -89,28 +90,41 @@ def _mesh_process_count(mesh: Mesh) -> int:
   return len({d.process_index for d in mesh.devices.flat})
 
 
-def check_global_batch(global_batch: int, mesh: Mesh) -> None:
+def check_global_batch(global_batch: int, mesh: Mesh, *, multiple_of: int = 1) -> None:
   """Rejects a global batch that does not split evenly over ``mesh``.
 
   Args:
     global_batch: the batch size summed over all devices and hosts.
     mesh: the data mesh the batch is split over.
+    multiple_of: a further unit the batch must be a multiple of, e.g. the input
+      pipeline's class-balance period (``(8, 1, 2, 1, 4)`` proportions need a
+      multiple of 16).
 
   Raises:
-    BatchSizeError: ``global_batch`` is not a multiple of the device count or
-      of the number of hosts in the mesh; the message names the nearest valid sizes.
+    BatchSizeError: ``global_batch`` is not a positive multiple of the device
+      count, the number of hosts in the mesh and ``multiple_of``; the message names
+      the nearest valid sizes, which satisfy all three.
   """
+  if not isinstance(multiple_of, (int, np.integer)) or multiple_of < 1:
+    raise BatchSizeError(f"multiple_of must be a positive integer, got {multiple_of!r}")
   devices = mesh.size
-  if global_batch < 1 or global_batch % devices:
-    lower = max(devices, global_batch // devices * devices)
-    raise BatchSizeError(
-        f"the global batch size {global_batch} does not divide by the {devices} devices of the "
-        f"mesh {dict(mesh.shape)}; choose a multiple of {devices} (e.g. {lower} or "
-        f"{lower + devices})")
   hosts = _mesh_process_count(mesh)
-  if global_batch % hosts:
-    raise BatchSizeError(f"the global batch size {global_batch} does not divide by the "
-                         f"{hosts} hosts of the mesh")
+  # Devices of one host share its rows, so hosts divide devices; lcm covers any mesh.
+  unit = math.lcm(devices, hosts, int(multiple_of))
+  is_int = isinstance(global_batch, (int, np.integer))
+  if is_int and global_batch >= 1 and global_batch % unit == 0:
+    return
+  parts = [f"the {devices} devices of the mesh {dict(mesh.shape)}"]
+  if hosts > 1:
+    parts.append(f"its {hosts} hosts")
+  if multiple_of > 1:
+    parts.append(f"the required multiple {multiple_of}")
+  lower = global_batch // unit * unit if is_int else 0
+  suggestions = [lower, lower + unit] if lower >= unit else [unit, 2 * unit]
+  raise BatchSizeError(
+      f"the global batch size {global_batch!r} does not divide by {unit} "
+      f"({', '.join(parts)}); choose a positive multiple of {unit}, e.g. {suggestions[0]} or "
+      f"{suggestions[1]}")
 
 
 def log_mesh(mesh: Mesh, what: str = "data-parallel") -> str:

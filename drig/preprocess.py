@@ -8,7 +8,8 @@ same whatever the camera, exposure or resolution:
 
 1. :func:`find_retina`: the retina's diameter from the middle row of pixels (the
    pixels that are not black; Ben Graham's rule, made robust to dark borders and
-   specks).
+   specks), or a circle fitted to its visible boundary where the frame cuts it at
+   the side.
 2. :func:`denoise`: a light Gaussian blur that removes high-frequency noise. Its
    sigma is given in output pixels, so it is also the anti-aliasing filter of step 3
    and makes the result independent of the source resolution.
@@ -47,10 +48,19 @@ DEFAULT_FILL = grading.HALF_GRAY  # Poster: half gray.
 # decoding at twice the output's resolution keeps lesions within ~40 dB PSNR of full
 # decoding (docs/preprocessing.md), at a quarter of the decoding work.
 DEFAULT_WORKING_RATIO = 2.0
+# Largest output side accepted: far beyond any network input, small enough that a
+# typo (an extra digit) fails at once instead of allocating gigabytes.
+MAX_SIZE = 8192
 
 # Below this brightest value an image counts as all black (JPEG leaves a black
 # image at exactly 0; a dim but real retina is far brighter).
 _BLACK_LEVEL = 10
+# A retina cut at the side is located by fitting a circle to its boundary points on
+# this many rows; the fit is refused if they cover a shorter arc, or lie further
+# from the circle (RMS, as a fraction of the radius), than below.
+_FIT_ROWS = 64
+_MIN_FIT_ARC_DEGREES = 90.0
+_MAX_FIT_RMS_FRACTION = 0.02
 _JPEG_REDUCTIONS = (8, 4, 2)
 _REDUCED_FLAGS = {
     8: cv2.IMREAD_REDUCED_GRAYSCALE_8 | cv2.IMREAD_COLOR_RGB,
@@ -147,15 +157,126 @@ def ensure_rgb_uint8(image, *, source="<array>"):
   return np.ascontiguousarray(array)
 
 
+def check_size(size):
+  """Returns ``size`` as an int if it is a valid output side, else raises ValueError.
+
+  Args:
+    size: the output side in pixels, an integer in [1, MAX_SIZE].
+
+  Raises:
+    ValueError: naming ``size``: not an integer, or out of range.
+  """
+  if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)):
+    raise ValueError(f"size must be an integer number of pixels, got {size!r}")
+  if not 1 <= size <= MAX_SIZE:
+    raise ValueError(f"size must be in [1, {MAX_SIZE}] pixels, got {size}")
+  return int(size)
+
+
 def _runs(on):
   """Start (inclusive) and end (exclusive) indices of the runs of True in ``on``."""
   edges = np.diff(np.concatenate([[0], on.astype(np.int8), [0]]))
   return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
 
 
+def _bright_run(row, level, min_run, max_gap):
+  """The retina's run on one row: ``(first, last)`` (last exclusive) or None.
+
+  Runs of ``row > level`` shorter than ``min_run`` are dropped, runs separated by
+  gaps of at most ``max_gap`` merged, and the merged run with the most bright
+  pixels wins.
+  """
+  starts, ends = _runs(row > level)
+  keep = (ends - starts) >= min_run
+  starts, ends = starts[keep], ends[keep]
+  if starts.size == 0:
+    return None
+  gaps = starts[1:] - ends[:-1]
+  group = np.concatenate([[0], np.cumsum(gaps > max_gap)])
+  bright = np.bincount(group, weights=ends - starts)
+  best = int(np.argmax(bright))
+  return int(starts[group == best][0]), int(ends[group == best][-1])
+
+
+def _edges(row, level, first, last):
+  """Sub-pixel points where ``row`` crosses ``level`` at a run's two ends.
+
+  Linearly interpolated; a run that reaches the image's border ends there.
+  """
+  width = row.shape[0]
+  left = -0.5
+  if first > 0:
+    left = first - 1 + (level - row[first - 1]) / (row[first] - row[first - 1])
+  right = width - 0.5
+  if last < width:
+    right = last - 1 + (row[last - 1] - level) / (row[last - 1] - row[last])
+  return left, right
+
+
+def _fit_circle(xs, ys):
+  """Least-squares circle through points (Kasa's algebraic fit): (cx, cy, r, rms)."""
+  x0, y0 = xs.mean(), ys.mean()  # Centred coordinates condition the system.
+  u, v = xs - x0, ys - y0
+  design = np.stack([u, v, np.ones_like(u)], axis=1)
+  (d, e, f), *_ = np.linalg.lstsq(design, -(u * u + v * v), rcond=None)
+  cu, cv = -d / 2, -e / 2
+  radius = np.sqrt(max(cu * cu + cv * cv - f, 0.0))
+  rms = float(np.sqrt(np.mean((np.hypot(u - cu, v - cv) - radius) ** 2)))
+  return float(cu + x0), float(cv + y0), float(radius), rms
+
+
+def _locate_clipped(image, level, *, source, min_run, max_gap, edge_margin,
+                    rows=_FIT_ROWS):
+  """Fits a circle to the retina's visible boundary, for a disc cut at the side.
+
+  On each of ``rows`` rows spread over the height, the retina's run ends are
+  boundary points unless they lie within ``edge_margin`` of the image's border
+  (there the frame, not the retina, ends the run).
+  """
+  height, width = image.shape[:2]
+  xs, ys = [], []
+  for y in np.unique(np.linspace(0, height - 1, rows).round().astype(int)):
+    row = image[y].sum(axis=1, dtype=np.float32)
+    run = _bright_run(row, level, min_run, max_gap)
+    if run is None:
+      continue
+    first, last = run
+    left, right = _edges(row, level, first, last)
+    if first > edge_margin:
+      xs.append(float(left))
+      ys.append(y)
+    if last < width - edge_margin:
+      xs.append(float(right))
+      ys.append(y)
+  problem = ("cannot locate the retina: it is cut by the image's left or right edge and "
+             "too little of its boundary is visible")
+  if len(xs) < 6:
+    raise FundusImageError(source, f"{problem} ({len(xs)} boundary points)")
+  xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+  # A label or a frame on some rows gives outliers: drop the worst point and fit
+  # again, up to a third of the points.
+  for _ in range(len(xs) // 3 + 1):
+    cx, cy, radius, rms = _fit_circle(xs, ys)
+    if rms <= max(1.0, _MAX_FIT_RMS_FRACTION * radius) or len(xs) <= 6:
+      break
+    worst = np.argmax(np.abs(np.hypot(xs - cx, ys - cy) - radius))
+    xs, ys = np.delete(xs, worst), np.delete(ys, worst)
+  # The arc the points cover (360 degrees less the largest gap between them): a
+  # short arc does not pin the radius down.
+  angles = np.sort(np.arctan2(ys - cy, xs - cx))
+  largest_gap = np.max(np.diff(np.concatenate([angles, angles[:1] + 2 * np.pi])))
+  arc = np.degrees(2 * np.pi - largest_gap)
+  if not np.isfinite(radius) or radius <= 0 or arc < _MIN_FIT_ARC_DEGREES:
+    raise FundusImageError(source, f"{problem} (the visible arc spans {arc:.0f} degrees)")
+  if rms > max(1.0, _MAX_FIT_RMS_FRACTION * radius):
+    raise FundusImageError(
+        source, f"{problem} (its visible boundary is not a circle: {rms:.1f} px off)")
+  return RetinaGeometry(center_x=cx, center_y=cy, radius=radius)
+
+
 def find_retina(image, *, threshold=DEFAULT_THRESHOLD, source="<array>", band=2,
                 min_run_fraction=0.005, max_gap_fraction=0.02,
-                min_diameter_fraction=0.1):
+                min_diameter_fraction=0.1, edge_margin=0):
   """Step 1: locates the retina from the middle row of pixels.
 
   Ben Graham's rule counts the pixels of the middle row whose channel sum exceeds
@@ -176,6 +297,12 @@ def find_retina(image, *, threshold=DEFAULT_THRESHOLD, source="<array>", band=2,
   The middle row cannot tell the vertical centre, so ``center_y`` is the image's
   centre row (as in Graham's and TFDS's processing).
 
+  Where the middle row's retina reaches the left or right edge (or comes within
+  ``edge_margin`` px of it), the camera cut the disc there and the row's extent is not
+  its diameter. A circle is then fitted to the retina's boundary points on rows
+  spread over the height (a run's end at the image's edge is not a boundary
+  point), which gives the centre (both coordinates) and the radius.
+
   Args:
     image: uint8 image, HxW or HxWxC (see :func:`ensure_rgb_uint8`).
     threshold: fraction of the row's mean (above background) a retina pixel exceeds.
@@ -185,13 +312,17 @@ def find_retina(image, *, threshold=DEFAULT_THRESHOLD, source="<array>", band=2,
     max_gap_fraction: gaps shorter than this fraction of the width are bridged.
     min_diameter_fraction: a retina narrower than this fraction of the width is
       not a retina.
+    edge_margin: a run ending within this many pixels of the left or right edge
+      is cut by the edge (0: only a run that reaches the edge).
 
   Returns:
     RetinaGeometry in this image's pixel units.
 
   Raises:
     FundusImageError: the image is all black, the middle row is uniform (no
-      structure at all) or no retina is found.
+      structure at all), no retina is found, or the retina is cut at the side and
+      too little of its boundary is visible to fit a circle (e.g. it spans every
+      row).
   """
   image = ensure_rgb_uint8(image, source=source)
   height, width = image.shape[:2]
@@ -209,33 +340,23 @@ def find_retina(image, *, threshold=DEFAULT_THRESHOLD, source="<array>", band=2,
   background = low if low < 0.25 * high else 0.0
   contrast = float(row.mean()) - background
   level = background + threshold * contrast
-  on = row > level
-  starts, ends = _runs(on)
-  keep = (ends - starts) >= max(3, int(np.ceil(min_run_fraction * width)))
-  starts, ends = starts[keep], ends[keep]
-  if starts.size == 0:
+  min_run = max(3, int(np.ceil(min_run_fraction * width)))
+  max_gap = max(2, max_gap_fraction * width)
+  run = _bright_run(row, level, min_run, max_gap)
+  if run is None:
     raise FundusImageError(
         source, "no retina found: no bright run on the middle row (only specks)")
-  # Merge runs across short dark gaps, then pick the group with the most bright pixels.
-  gaps = starts[1:] - ends[:-1]
-  group = np.concatenate([[0], np.cumsum(gaps > max(2, max_gap_fraction * width))])
-  bright = np.bincount(group, weights=ends - starts)
-  best = int(np.argmax(bright))
-  first = int(starts[group == best][0])
-  last = int(ends[group == best][-1])  # Exclusive.
+  first, last = run  # Last is exclusive.
   if last - first < max(4, min_diameter_fraction * width):
     raise FundusImageError(
         source, f"no retina found: the widest bright run on the middle row is "
         f"{last - first} px of {width}")
-  # Sub-pixel edges: where the row crosses the level, linearly interpolated (a run
-  # that reaches the image's border ends there). This makes the geometry agree across
-  # resolutions (reduced and full JPEG decoding) to a fraction of a pixel.
-  left = -0.5
-  if first > 0:
-    left = first - 1 + (level - row[first - 1]) / (row[first] - row[first - 1])
-  right = width - 0.5
-  if last < width:
-    right = last - 1 + (row[last - 1] - level) / (row[last - 1] - row[last])
+  if first <= edge_margin or last >= width - edge_margin:
+    return _locate_clipped(image, level, source=source, min_run=min_run, max_gap=max_gap,
+                           edge_margin=edge_margin)
+  # Sub-pixel edges make the geometry agree across resolutions (reduced and full
+  # JPEG decoding) to a fraction of a pixel.
+  left, right = _edges(row, level, first, last)
   return RetinaGeometry(
       center_x=float(left + right) / 2.0,
       center_y=(height - 1) / 2.0,
@@ -302,6 +423,7 @@ def rescale_to_retina(image, geometry, *, size=DEFAULT_SIZE, interpolation=None,
   Raises:
     FundusImageError: an unsupported dtype or shape, or a non-positive radius.
   """
+  size = check_size(size)
   array = np.asarray(image)
   if array.ndim not in (2, 3) or array.shape[0] == 0 or array.shape[1] == 0:
     raise FundusImageError(source, f"expected an HxW or HxWxC array, got shape {array.shape}")
@@ -511,6 +633,7 @@ def preprocess_fundus_with_geometry(
   Returns:
     (uint8[size, size, 3], RetinaGeometry in the input image's pixel units).
   """
+  size = check_size(size)
   image = ensure_rgb_uint8(image, source=source)
   geometry = find_retina(image, threshold=threshold, source=source)
   out = _preprocess_located(
@@ -546,7 +669,9 @@ def preprocess_fundus(image, size=DEFAULT_SIZE, **options):
     uint8[size, size, 3].
 
   Raises:
-    FundusImageError: bad dtype or shape, an all-black image or no retina found.
+    ValueError: ``size`` is not an integer in [1, MAX_SIZE].
+    FundusImageError: bad dtype or shape, an all-black image, no retina found, or
+      a retina cut at the side whose disc cannot be fitted.
   """
   return preprocess_fundus_with_geometry(image, size, **options)[0]
 
@@ -700,9 +825,12 @@ def preprocess_file(path, size=DEFAULT_SIZE, *, threshold=DEFAULT_THRESHOLD,
     uint8[size, size, 3].
 
   Raises:
+    ValueError: ``size`` is not an integer in [1, MAX_SIZE] (checked before the
+      file is read).
     FundusImageError: naming ``path``: missing, unreadable, truncated or corrupt
       file, all-black image, no retina found.
   """
+  size = check_size(size)
   image, geometry = _read_and_locate(
       path, min_retina_diameter=working_ratio * size if working_ratio else None,
       threshold=threshold)

@@ -144,13 +144,13 @@ def test_find_retina_on_dark_gray_background():
   assert tfds_radius(image) > 250  # Graham's rule counts the whole row.
 
 
-def test_find_retina_cut_left_and_right_spans_the_row():
+def test_find_retina_cut_on_every_side_is_refused():
   image, _ = fundus_like(crop="smaller", radius=180)
-  image = image[:, 100:-100]  # The retina now spans every row.
-  geometry = pp.find_retina(image)
-  assert geometry.radius == image.shape[1] / 2
-  assert geometry.center_x == (image.shape[1] - 1) / 2
-  assert tfds_radius(image) == pytest.approx(geometry.radius, abs=0.1)
+  image = image[:, 100:-100]  # The retina now spans every row: its disc is unknown.
+  with pytest.raises(pp.FundusImageError, match="x.jpeg: cannot locate the retina"):
+    pp.find_retina(image, source="x.jpeg")
+  # Graham's count takes the image's width for the diameter (radius 107.5, not 180).
+  assert tfds_radius(image) == pytest.approx(image.shape[1] / 2, abs=0.1)
 
 
 @pytest.mark.parametrize("fixture", FIXTURES, ids=FIXTURE_IDS)

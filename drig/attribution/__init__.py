@@ -14,6 +14,10 @@ Main entry points:
   BatchGroups (a model's batch in independent parts: faster on multi-core CPUs
     for many images per call); several devices: drig.parallel.sharded_call
   drig.attribution.heatmap (green/red rendering)
+
+Every function that takes images raises AttributionArgumentError for an empty
+batch and for NaN or infinite values in concrete images or baselines, naming the
+images. Inside a jax.jit trace the values are unknown, so the caller checks them.
 """
 
 from drig.attribution import heatmap

@@ -483,7 +483,27 @@ def as_batch(x, name: str = "x") -> jax.Array:
   return x
 
 
-def check_baseline(baseline, x: jax.Array, name: str = "baseline") -> jax.Array:
+def check_baseline(baseline, x: jax.Array, name: str = "baseline",
+                   x_name: str = "x") -> jax.Array:
+  """Checks the inputs of an attribution: ``x`` and a baseline that broadcasts to it.
+
+  Rejects an empty batch and, where the arrays are concrete, NaN or infinite
+  values, which would make every attribution NaN. Inside a ``jax.jit`` trace the
+  values are unknown (a check would need a device sync), so the caller must check
+  them; see :func:`check_finite`.
+
+  Args:
+    baseline: broadcasts to ``x``.
+    x: the inputs [N, ...] (see :func:`as_batch`).
+    name, x_name: the arguments' names, for messages.
+
+  Returns:
+    The baseline as an array of x's dtype.
+
+  Raises:
+    AttributionArgumentError: the baseline does not broadcast to x, x holds no
+      images, or either holds NaN or infinite values (naming the images).
+  """
   baseline = baseline if isinstance(baseline, jax.Array) else jnp.asarray(baseline, x.dtype)
   try:
     shape = np.broadcast_shapes(baseline.shape, x.shape)
@@ -492,7 +512,60 @@ def check_baseline(baseline, x: jax.Array, name: str = "baseline") -> jax.Array:
   if shape != x.shape:
     raise AttributionArgumentError(
         f"{name} of shape {baseline.shape} does not broadcast to the inputs' shape {x.shape}")
+  if x.shape[0] == 0:
+    raise AttributionArgumentError(
+        f"{x_name} is an empty batch (shape {x.shape}): there are no images to attribute")
+  check_finite(x, x_name)
+  # A baseline per image names its images; a shared one is one array.
+  per_image = baseline.ndim == x.ndim and baseline.shape[0] == x.shape[0]
+  check_finite(baseline, name, per_image=per_image)
   return baseline
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _finite_rows(array, rows):
+  flags = jnp.all(jnp.isfinite(array.reshape(rows, -1)), axis=1)
+  return flags, jnp.all(flags)
+
+
+def check_finite(array, name: str = "x", *, per_image: bool = True) -> None:
+  """Raises if a concrete ``array`` holds NaN or infinite values.
+
+  A traced array (inside ``jax.jit``, ``vmap``, ...) is not checked: its values
+  are not known, and checking them would need a device sync. Callers that
+  attribute inside a trace must check their inputs themselves, e.g. with
+  ``jnp.isfinite(x).all()`` on the result side.
+
+  Args:
+    array: a floating array; [N, ...] if ``per_image``.
+    name: the argument's name, for the message.
+    per_image: name the offending images (axis 0); else the array is one image.
+
+  Raises:
+    AttributionArgumentError: naming ``name`` and the images with NaN or inf.
+  """
+  if isinstance(array, jax.core.Tracer) or not jnp.issubdtype(array.dtype, jnp.inexact):
+    return
+  rows = array.shape[0] if per_image and array.ndim >= 1 else 1
+  flags, all_finite = _finite_rows(array, rows)
+  # A concrete array closed over inside a trace still gives a traced result.
+  if isinstance(all_finite, jax.core.Tracer) or bool(all_finite):
+    return
+  try:
+    bad = np.flatnonzero(~np.asarray(flags)).tolist()
+  except RuntimeError:  # Split over hosts: the count is enough to act on.
+    bad = None
+  if not per_image:
+    where = f"{name} has"
+  elif bad is None:
+    where = f"some images of {name} have"
+  else:
+    listed = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
+    plural = len(bad) > 1
+    where = (f"{name} image{'s' if plural else ''} {listed} (of {rows}) "
+             f"{'have' if plural else 'has'}")
+  raise AttributionArgumentError(
+      f"{where} NaN or infinite values, which make attributions NaN")
 
 
 def check_scalar_fn(f: Callable, x: jax.Array, name: str = "f") -> None:
@@ -556,15 +629,22 @@ def integrated_gradients(f: Callable, x, baseline, *, steps: int = 50,
   Returns:
     (attributions, gap): float32 [N, ...] attributions, and float32 [N] the
     completeness gap sum(attributions) - (f(x) - f(baseline)) per image.
+
+  Raises:
+    AttributionArgumentError: bad arguments, e.g. an empty batch, a baseline that
+      does not broadcast to x, or NaN or infinite values in x or the baseline
+      (naming the images). Values are checked only when x and the baseline are
+      concrete: inside a ``jax.jit`` trace the caller must check them (NaN inputs
+      give NaN attributions and gaps).
   """
   return _integrated_gradients(f, x, baseline, steps=steps, method=method,
                                chunk_size=chunk_size)
 
 
 def _integrated_gradients(f, x, baseline, *, steps, method, chunk_size, loop=None,
-                          groups=None):
-  x = as_batch(x)
-  baseline = check_baseline(baseline, x)
+                          groups=None, names=("x", "baseline")):
+  x = as_batch(x, names[0])
+  baseline = check_baseline(baseline, x, name=names[1], x_name=names[0])
   alphas, weights = quadrature(method, steps)
   check_scalar_fn(f, x)
   integral = path_sum(_input_gradient, f, baseline, x, alphas, weights,

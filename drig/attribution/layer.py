@@ -48,7 +48,8 @@ import numpy as np
 
 from drig.attribution.integration import (AttributionArgumentError, Operands,
                                                     accumulation_dtype, as_batch,
-                                                    check_baseline, check_positive_int,
+                                                    check_baseline, check_finite,
+                                                    check_positive_int,
                                                     check_scalar_fn, integrated_gradients,
                                                     path_sum, quadrature)
 from drig.models import layer_access
@@ -123,6 +124,10 @@ def layer_integrated_gradients(to_layer: Callable, from_layer: Callable, x, base
     A LayerAttribution; gap is sum(units) - (q(x) - q(baseline)).
   """
   activations, baseline_activations = layer_activations(to_layer, x, baseline)
+  # Finite inputs can still give non-finite activations: blame to_layer, not x.
+  check_finite(activations, "to_layer(x)")
+  check_finite(baseline_activations, "to_layer(baseline)",
+               per_image=not _single_baseline(baseline_activations))
   check_scalar_fn(from_layer, activations, name="from_layer")
   units, gap = integrated_gradients(from_layer, activations, baseline_activations,
                                        steps=steps, method=method, chunk_size=chunk_size)
