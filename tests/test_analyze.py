@@ -291,6 +291,17 @@ def test_binary_resumes_after_sigkill_with_equal_outputs(setup, finished, tmp_pa
   workdir, _ = finished
   _assert_shards_equal(_shard_arrays(killed), _shard_arrays(workdir))
   assert json.loads((killed / "skipped.json").read_text()) == []
+  # A shard cut in half is named in one line, moved aside and attributed again by the binary.
+  damaged = killed / "shards" / "shard-00001.npz"
+  damaged.write_bytes(damaged.read_bytes()[:damaged.stat().st_size // 2])
+  repaired = subprocess.run(_command(setup, killed), cwd=ROOT, env=_env(setup),
+                            capture_output=True, text=True, timeout=600)
+  assert repaired.returncode == 0, repaired.stderr[-3000:]
+  assert "Traceback" not in repaired.stderr
+  reports = [line for line in repaired.stderr.splitlines() if "damaged shard" in line]
+  assert len(reports) == 1 and str(damaged) in reports[0], repaired.stderr[-3000:]
+  assert len(glob.glob(str(damaged) + ".damaged-*")) == 1
+  _assert_shards_equal(_shard_arrays(killed), _shard_arrays(workdir))
   # A typo in an override is an error (the config is locked).
   typo = subprocess.run(_command(setup, tmp_path / "typo") + ["--config.stpes=3"], cwd=ROOT,
                         env=_env(setup), capture_output=True, text=True, timeout=300)
