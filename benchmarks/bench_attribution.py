@@ -25,6 +25,10 @@ Parts (--parts, comma-separated):
                against lax.scan.
   convergence  relative completeness gap against steps for riemann_right and
                gausslegendre; the fewest steps under 1% for each.
+  adaptive     time and model evaluations to a relative gap of 1% for every image
+               (batches of 1 and 8, at the first of --sizes): drig's steps="auto"
+               against drig's and Captum's riemann_right at the fewest doubled steps
+               that reach it, timed alternately. Random He weights only.
 
 --xla_flags sets XLA_FLAGS (appended) before JAX starts, for every part and
 child process; the 'xla_flags' part compares --xla_flag_sets instead.
@@ -35,6 +39,8 @@ Smoke run:
   python benchmarks/bench_attribution.py --sizes=96 --steps=4 --repeats=1 \
     --captum_neurons=1 --memory_steps=4,8 --memory_size=96 --convergence_steps=8,16 \
     --batching_configs=python:4:1,python:4:2,python:2,scan:2,map:2
+  python benchmarks/bench_attribution.py --parts=adaptive --sizes=80 --repeats=1 \
+    --adaptive_batches=1 --adaptive_tolerance=0.1 --adaptive_max_fixed_steps=16
 """
 
 import functools
@@ -57,7 +63,7 @@ from drig import grading
 
 _PARTS = flags.DEFINE_list(
     "parts", ["pixel", "analysis", "flops", "maxpool", "batching", "xla_flags", "memory",
-              "convergence"],
+              "convergence", "adaptive"],
     "Which measurements to run.")
 _XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "Appended to XLA_FLAGS before JAX starts.")
 _SIZES = flags.DEFINE_list("sizes", ["256", "299"], "Square input sizes in pixels.")
@@ -100,6 +106,15 @@ _CONVERGENCE_STEPS = flags.DEFINE_list("convergence_steps",
                                        "one compiled chunk).")
 _CONVERGENCE_IMAGES = flags.DEFINE_integer("convergence_images", 2,
                                            "Images for 'convergence'.")
+_ADAPTIVE_BATCHES = flags.DEFINE_list("adaptive_batches", ["1", "8"],
+                                      "Batch sizes for 'adaptive' (at the first of --sizes).")
+_ADAPTIVE_TOLERANCE = flags.DEFINE_float(
+    "adaptive_tolerance", 0.01, "'adaptive': the relative completeness gap every image must meet.")
+_ADAPTIVE_MAX_FIXED = flags.DEFINE_integer(
+    "adaptive_max_fixed_steps", 512, "'adaptive': the most steps tried (doubling from "
+    "--adaptive_first_steps) for the fixed riemann_right rules of drig and Captum.")
+_ADAPTIVE_FIRST = flags.DEFINE_integer("adaptive_first_steps", 8,
+                                       "'adaptive': the first fixed step count tried.")
 _CHILD = flags.DEFINE_string("child", "", "Internal: run one measurement in this process.")
 _CHILD_ARGS = flags.DEFINE_string("child_args", "{}", "Internal: JSON arguments for --child.")
 
@@ -182,6 +197,22 @@ class Drig:
     out = ig_lib._integrated_gradients(self.quantity, x, b, steps=steps, method=method,  # pylint: disable=protected-access
                                        chunk_size=chunk_size, loop=loop, groups=groups)
     return jax.block_until_ready(out)
+
+  def pixel_ig_auto(self, x, tolerance, chunk_size=None):
+    """Error-controlled pixel IG: an AdaptiveAttribution (steps = evaluations per image)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    b = self.attribution.half_gray_baseline(x)
+    out = self.attribution.integrated_gradients(self.quantity, x, b, steps="auto",
+                                                tolerance=tolerance, chunk_size=chunk_size,
+                                                max_steps=max(2, _ADAPTIVE_MAX_FIXED.value))
+    return jax.block_until_ready(out)
+
+  def change(self, x):
+    """|F(x) - F(half gray)| per image, float64."""
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    b = self.attribution.half_gray_baseline(x)
+    return np.abs(np.asarray(self.quantity(x) - self.quantity(jnp.broadcast_to(b, x.shape)),
+                             np.float64))
 
   def analysis(self, x, steps, k, layer, chunk_size=None, by="unit"):
     import jax  # pylint: disable=g-import-not-at-top
@@ -563,10 +594,75 @@ def part_convergence(drig, captum):
   log(f"[convergence {size}px] relative gap < 1% for every image: " + "; ".join(summary))
 
 
+def _fewest_steps(relative_gap_at, tolerance):
+  """The first of first, 2 first, 4 first, ... (up to the limit) whose gap is within tolerance."""
+  steps = _ADAPTIVE_FIRST.value
+  while True:
+    gap = relative_gap_at(steps)
+    if gap <= tolerance or steps * 2 > _ADAPTIVE_MAX_FIXED.value:
+      return steps, gap
+    steps *= 2
+
+
+def part_adaptive(drig, captum):
+  """Time and model evaluations to a relative gap of --adaptive_tolerance for every image:
+  drig's error-controlled IG, drig's fixed riemann_right and Captum's at the fewest doubled
+  steps that reach it (found first, untimed), then timed alternately."""
+  size, tolerance = int(_SIZES.value[0]), _ADAPTIVE_TOLERANCE.value
+  for batch in map(int, _ADAPTIVE_BATCHES.value):
+    x = smooth_images(batch, size, seed=11)
+    change = drig.change(x)
+    t = time.perf_counter()
+    result = drig.pixel_ig_auto(x, tolerance, _CHUNK.value or None)
+    log(f"[adaptive {size}px, batch {batch}] drig first call (compile + run): "
+        f"{time.perf_counter() - t:.1f} s")
+    adaptive_gap = np.abs(np.asarray(result.gap)) / change
+    evaluations = np.asarray(result.steps)
+
+    def drig_gap(steps):
+      _, gap = drig.pixel_ig(x, steps, _chunk(steps))
+      return float((np.abs(np.asarray(gap)) / change).max())
+
+    def captum_gap(steps):
+      attributions = captum.pixel_ig(x, steps, _CAPTUM_BATCH.value).detach().numpy()
+      inputs, baselines = captum._inputs(x)  # pylint: disable=protected-access
+      with captum.torch.no_grad():
+        torch_change = (captum.forward(inputs)[:, GRADE]
+                        - captum.forward(baselines)[:, GRADE]).numpy().astype(np.float64)
+      total = attributions.reshape(batch, -1).sum(axis=1)
+      return float((np.abs(total - torch_change) / np.abs(torch_change)).max())
+
+    fixed_steps, fixed_gap = _fewest_steps(drig_gap, tolerance)
+    captum_steps, captum_gap_found = _fewest_steps(captum_gap, tolerance)
+    runs = {"drig adaptive": lambda: drig.pixel_ig_auto(x, tolerance, _CHUNK.value or None),
+            f"drig riemann_right {fixed_steps}": lambda: drig.pixel_ig(x, fixed_steps,
+                                                                       _chunk(fixed_steps)),
+            f"Captum riemann_right {captum_steps}": lambda: captum.pixel_ig(
+                x, captum_steps, _CAPTUM_BATCH.value)}
+    times = {name: [] for name in runs}
+    for _ in range(_REPEATS.value):  # A B C A B C
+      for name, run in runs.items():
+        _settle()
+        t = time.perf_counter()
+        run()
+        times[name].append(time.perf_counter() - t)
+    best = {name: min(v) for name, v in times.items()}
+    captum_time = best[f"Captum riemann_right {captum_steps}"]
+    log(f"[adaptive {size}px, batch {batch}, tolerance {tolerance:g}] drig adaptive: "
+        f"evaluations per image {evaluations.tolist()} (total {int(evaluations.sum())}), "
+        f"relative gaps {' '.join('%.2e' % g for g in adaptive_gap)}, converged "
+        f"{np.asarray(result.converged).tolist()}, {best['drig adaptive']:.2f} s; drig "
+        f"riemann_right needs {fixed_steps} steps ({fixed_steps * batch} evaluations, max gap "
+        f"{fixed_gap:.2e}), {best[f'drig riemann_right {fixed_steps}']:.2f} s; Captum needs "
+        f"{captum_steps} steps (max gap {captum_gap_found:.2e}), {captum_time:.2f} s; "
+        f"Captum / drig adaptive {captum_time / best['drig adaptive']:.2f}x  (all "
+        f"{ {k: ['%.2f' % t for t in v] for k, v in times.items()} })")
+
+
 PARTS = {"pixel": part_pixel, "analysis": part_analysis, "memory": part_memory,
          "flops": part_flops, "maxpool": part_maxpool, "xla_flags": part_xla_flags,
          "batching": part_batching,
-         "convergence": part_convergence}
+         "convergence": part_convergence, "adaptive": part_adaptive}
 
 
 def main(argv):
@@ -587,7 +683,7 @@ def main(argv):
       f"load average {os.getloadavg()[0]:.1f}")
   path = weights_file()
   drig = Drig(path) if set(_PARTS.value) - {"memory", "xla_flags"} else None
-  captum = Captum(path) if set(_PARTS.value) & {"pixel", "analysis"} else None
+  captum = Captum(path) if set(_PARTS.value) & {"pixel", "analysis", "adaptive"} else None
   for part in _PARTS.value:
     PARTS[part](drig, captum)
 

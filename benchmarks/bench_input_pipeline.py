@@ -14,21 +14,27 @@ is shared, so only same-run comparisons mean anything):
      full decoding of every record (timed on a prefix, alternated with the next,
      then extrapolated), ``drig.input.labels.load_labels`` without cache (raw
      records, labels parsed from the protos) and with its ``.npy`` cache.
-3. ``input_pipeline.train_iterator`` throughput in images/s, batch 32, with 1
-   and 2 decoder threads, alternated.
+3. Training batches per second, batch 32: ``input_pipeline.train_iterator``
+   (grain, in threads and with 2 worker processes) against a hand-written
+   thread-pool pipeline reading the same examples, alternated.
 
   python benchmarks/bench_input_pipeline.py                   # full: ~3 GB temp disk
   python benchmarks/bench_input_pipeline.py --num_records=2000 --num_photos=2  # smoke
+  python benchmarks/bench_input_pipeline.py --parts=throughput --num_records=4000
 """
 
 import argparse
+import concurrent.futures
 import csv
+import itertools
 import logging
 import os
+import queue
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import cv2
@@ -38,6 +44,7 @@ from drig import input_pipeline
 from drig import preprocess
 from drig.data import tf_runtime
 from drig.input import labels as labels_lib
+from drig.input import sampling
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_preprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -218,27 +225,82 @@ class _Prefix:
     return self.hi - self.lo
 
 
+def threaded_peer(source, labels, *, batch_size, start_step, num_threads, depth=2):
+  """The peer: class-balanced batches read by a hand-written thread pool and prefetch thread.
+
+  The same examples and output as ``input_pipeline.train_iterator`` (no
+  augmentation), without grain: one background thread produces batch after batch,
+  decoding each batch's images with a pool of ``num_threads`` threads.
+  """
+  sampler = sampling.BalancedSampler(labels, batch_size, seed=0)
+  pool = concurrent.futures.ThreadPoolExecutor(num_threads)
+  ready = queue.Queue(maxsize=depth)
+  stop = threading.Event()
+
+  def read(index):
+    record = source[int(index)]
+    return np.asarray(record["image"]), int(record["label"])
+
+  def run():
+    for step in itertools.count(start_step):
+      if stop.is_set():
+        return
+      examples = list(pool.map(read, sampler(step)))
+      batch = {"image": np.stack([e[0] for e in examples]),
+               "label": np.asarray([e[1] for e in examples], np.int32)}
+      while not stop.is_set():
+        try:
+          ready.put(batch, timeout=0.1)
+          break
+        except queue.Full:
+          pass
+
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  try:
+    while True:
+      yield ready.get()
+  finally:
+    stop.set()
+    thread.join()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
 def throughput(builder, labels, args):
-  print("== 3. train_iterator throughput (batch 32, uint8, no augmentation)")
+  print(f"== 3. training batches into the train step (batch 32, uint8, no augmentation), "
+        f"{args.batches} batches per measurement")
   source = builder.as_data_source("train")
-  results = {1: [], 2: []}
+  threads = args.threads
+
+  def grain_pipeline(workers):
+    return lambda step: input_pipeline.train_iterator(
+        source, batch_size=32, labels=labels, start_step=step, process_index=0,
+        process_count=1, num_threads=threads, prefetch=2, workers=workers)
+
+  peers = {
+      f"hand-written threads ({threads} decoder threads)": lambda step: threaded_peer(
+          source, labels, batch_size=32, start_step=step, num_threads=threads),
+      f"grain, threads ({threads})": grain_pipeline(0),
+      f"grain, 2 worker processes ({threads} threads each)": grain_pipeline(2),
+  }
+  results = {name: [] for name in peers}
   step = 0
   for _ in range(args.repeats):
-    for threads in results:
-      it = input_pipeline.train_iterator(
-          source, batch_size=32, labels=labels, start_step=step, process_index=0,
-          process_count=1, num_threads=threads, prefetch=2)
-      next(it)  # Start-up (thread start, first batch) is not throughput.
+    for name, make in peers.items():  # Alternating A B C A B C.
+      it = make(step)
+      next(it)  # Start-up (threads, worker processes, first batch) is not throughput.
       start = time.perf_counter()
       for _ in range(args.batches):
         next(it)
-      results[threads].append(32 * args.batches / (time.perf_counter() - start))
+      results[name].append(32 * args.batches / (time.perf_counter() - start))
       it.close()
       step += args.batches + 4
-  for threads, values in results.items():
-    print(f"{threads} decoder thread(s): {statistics.median(values):7.0f} images/s "
-          f"(median of {len(values)})")
-  print("(2 cores shared with other work; each image is a 256 px PNG)")
+  reference = statistics.median(next(iter(results.values())))
+  for name, values in results.items():
+    median = statistics.median(values)
+    print(f"{name:48s} {median:7.0f} images/s (median of {len(values)}; "
+          f"{median / reference:.2f}x the hand-written peer)")
+  print(f"({os.cpu_count()} cores; each image is a 256 px PNG)")
 
 
 def main():
@@ -248,6 +310,9 @@ def main():
   parser.add_argument("--inner", type=int, default=20, help="stored reads per measurement")
   parser.add_argument("--num_records", type=int, default=sum(KAGGLE_TRAIN_COUNTS))
   parser.add_argument("--batches", type=int, default=20)
+  parser.add_argument("--threads", type=int, default=2, help="decoder threads of each pipeline")
+  parser.add_argument("--parts", default="storage,labels,throughput",
+                      help="comma-separated: storage, labels, throughput")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--workdir", default=None, help="keep files here (default: temp)")
   args = parser.parse_args()
@@ -255,10 +320,20 @@ def main():
   tf_runtime.import_tensorflow()
   with tempfile.TemporaryDirectory() as tmp:
     tmp = args.workdir or tmp
-    stored = storage_decision(tmp, args)
+    parts = set(args.parts.split(","))
+    if "storage" in parts:
+      stored = storage_decision(tmp, args)
+    else:  # Fundus-like 256 px images without the storage measurement.
+      stored = [cv2.resize(bench_preprocess.render_fundus_like(np.random.default_rng([args.seed, i])),
+                           (256, 256), interpolation=cv2.INTER_AREA)
+                for i in range(args.num_photos)]
     builder = synthetic_store(tmp, stored, args)
-    labels = label_index(builder, args)
-    throughput(builder, labels, args)
+    if "labels" in parts:
+      labels = label_index(builder, args)
+    else:
+      labels = labels_lib.load_labels(builder.as_data_source("train"))
+    if "throughput" in parts:
+      throughput(builder, labels, args)
 
 
 if __name__ == "__main__":

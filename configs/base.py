@@ -56,6 +56,8 @@ def get_config(arg=None):
   config.data.augment.flip = True
   config.data.augment.rotate = True           # any angle; the retina is a disc
   config.data.prefetch = 4
+  # grain worker processes for reading and augmentation; 0: threads of this process.
+  config.data.input_workers = 0
 
   config.model = model_config.get_model_config(arg)
 
@@ -88,6 +90,28 @@ def get_config(arg=None):
   config.eval_every = 250
   config.checkpoint_every = 100
   config.keep_checkpoints = 3
+
+  # The test split, evaluated once after training: with the checkpoint the analysis
+  # loads ("best" validation kappa, "latest" or a kept step), and percentile-bootstrap
+  # intervals over the test images (seeded, so they reproduce).
+  config.evaluation = ml_collections.ConfigDict()
+  config.evaluation.checkpoint = "best"
+  config.evaluation.bootstrap_resamples = 1000
+  config.evaluation.bootstrap_seed = 0
+  config.evaluation.confidence = 0.95
+  # Average the grade probabilities over transformed copies of each image at
+  # evaluation: "none", "flips" (4: horizontal, vertical, both), "rotations"
+  # (4: by 0/90/180/270 degrees) or "dihedral" (all 8 flips and rotations).
+  config.evaluation.test_time_augmentation = "none"
+
+  # The training loss (drig/training/losses.py); the poster's is plain softmax
+  # cross-entropy. focal: -(1 - p_y)^gamma log p_y. class_weight_power k weighs each
+  # example by share(grade)^-k of data.class_proportions (1: inverse frequency).
+  config.loss = ml_collections.ConfigDict()
+  config.loss.name = "softmax_cross_entropy"    # or "focal"
+  config.loss.label_smoothing = 0.0
+  config.loss.class_weight_power = 0.0
+  config.loss.focal_gamma = 2.0                 # focal only
 
   if arg == "runlocal":
     config.schedule.steps = _scaled(POSTER_STEPS, 0.4)

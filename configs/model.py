@@ -31,7 +31,8 @@ ARGS = {
 def get_model_config(arg=None) -> ml_collections.ConfigDict:
   """The ``model`` config section.
 
-  Fields: name ("dr_classifier" or "inception_v3"), num_classes, convention
+  Fields: name ("dr_classifier" or "inception_v3"), num_classes, head
+  ("softmax" or "ordinal", dr_classifier only), convention
   ("keras" or "torchvision"), width_multiplier, fc_widths, activation,
   dropout, dtype and param_dtype (names: "float32", "bfloat16").
   """
@@ -39,6 +40,9 @@ def get_model_config(arg=None) -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
   model.name = "dr_classifier"
   model.num_classes = 5
+  # "softmax": the poster's 5 logits; "ordinal": a cumulative-link head whose
+  # outputs are log-probabilities (drig/models/classifier.py).
+  model.head = "softmax"
   model.convention = "keras"
   model.width_multiplier = 1.0
   # The poster adds "two fully connected layers" without their widths; 1024

@@ -16,30 +16,42 @@ Evaluation (``eval_batches``): every example exactly once, in order, the last
 batch padded, with a boolean ``"mask"`` marking real examples and ``"index"``
 giving each row's example index (-1 for padding).
 
-Both read, decode and augment a few batches ahead in the background
-(``drig.input.prefetch``). Images stay uint8 by default: a quarter of the
+Both are grain pipelines (``grain.MapDataset`` over example positions, read
+by grain's threads, or worker processes with ``workers > 0``, a few batches
+ahead, in order). Every element is a pure function of its position, so a
+resumed run needs no iterator state beyond its step, for any number of hosts;
+grain's own iterator checkpoints (which tie a run to its process count) are not
+needed. The class composition of every batch is exact because the sampler
+builds whole batches (grain's weighted ``mix`` interleaves by blocks, which
+does not guarantee 8:1:2:1:4 in each batch of 16). Images stay uint8 by default: a quarter of the
 host-to-device traffic of float32. Convert on the device with
 ``grading.to_model_input`` inside the jitted step.
 """
 
-import concurrent.futures
 import dataclasses
-import itertools
 import logging
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
+from absl import flags
+
+import grain
 import jax
 import numpy as np
 
 from drig import grading
 from drig.input import augmentation as augmentation_lib
 from drig.input import labels as labels_lib
-from drig.input import prefetch as prefetch_lib
 from drig.input import sampling
 from drig.input.errors import InputPipelineError
 
 _log = logging.getLogger(__name__)
+
+_TRAIN_KEYS = ("image", "label")
+
+# grain's random-access datasets have a length; training streams are this many
+# steps long, which no run reaches.
+_MAX_STEPS = 2**40
 
 
 def _lean_source(source, keys: Sequence[str]):
@@ -101,7 +113,8 @@ def train_iterator(source, data_config: Mapping[str, Any] | None = None, *, batc
                    process_index: int | None = None, process_count: int | None = None,
                    augment: augmentation_lib.Augmentation | Mapping[str, Any] | None = None,
                    image_dtype=np.uint8, prefetch: int | None = None,
-                   num_threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                   num_threads: int | None = None,
+                   workers: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Infinite class-balanced training batches for this host, from ``start_step`` on.
 
   Batch ``step`` holds the examples ``BalancedSampler(labels, batch_size,
@@ -129,6 +142,10 @@ def train_iterator(source, data_config: Mapping[str, Any] | None = None, *, batc
       ``grading.to_model_input``) or ``np.float32`` (converted here to ``[-1, 1]``).
     prefetch: batches prepared ahead in the background (default 2).
     num_threads: decoder threads; default ``min(8, cpu_count)``.
+    workers: grain worker processes that read and augment batches (each with
+      ``num_threads`` threads); 0 (default) reads in this process's threads.
+      Workers pay off when decoding and augmentation outrun the threads of one
+      process (many cores, heavy augmentation); each holds a copy of the source.
 
   Yields:
     ``{"image": [B / P, S, S, 3] image_dtype, "label": int32 [B / P]}``.
@@ -144,6 +161,9 @@ def train_iterator(source, data_config: Mapping[str, Any] | None = None, *, batc
     augment = data_config.get("augment")
   if prefetch is None:
     prefetch = data_config.get("prefetch", 2)
+  if workers is None:
+    workers = data_config.get("input_workers", 0)
+  workers = _check_workers(workers)
   process_index, process_count = _default_process(process_index, process_count)
   rows = sampling.host_rows(batch_size, process_index, process_count)
   augmentation = augmentation_lib.Augmentation.from_config(augment)
@@ -155,37 +175,85 @@ def train_iterator(source, data_config: Mapping[str, Any] | None = None, *, batc
     raise InputPipelineError(f"start_step must be >= 0, got {start_step}")
   reader = _lean_source(source, ("image", "label"))
   return _train_batches(reader, sampler, rows, augmentation, image_dtype, int(start_step),
-                        prefetch, _default_threads(num_threads))
+                        prefetch, _default_threads(num_threads), workers)
 
 
-def _train_batches(reader, sampler, rows, augmentation, image_dtype, start_step, prefetch_depth,
-                   num_threads):
-  pool = concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix="drig-decode")
-  keys = ("image", "label")
+class _TrainExample:
+  """Element ``i`` of this host's example stream: step ``i // L``, local row ``i % L``.
 
-  def load(step, row, index):
-    example = _read_example(reader, index, keys)
-    example["image"] = augmentation_lib.augment_image(example["image"], augmentation,
-                                                      seed=sampler.seed, step=step, row=row)
+  A picklable callable (grain's worker processes receive a copy), so every
+  element is a pure function of its position: the same in a thread, a worker
+  process or a resumed run.
+  """
+
+  def __init__(self, reader, sampler, rows: slice, augmentation):
+    self.reader, self.sampler, self.rows, self.augmentation = reader, sampler, rows, augmentation
+    self.local = rows.stop - rows.start
+
+  def __call__(self, position: int) -> dict:
+    step, local_row = divmod(int(position), self.local)
+    row = self.rows.start + local_row
+    example = _read_example(self.reader, self.sampler(step)[row], _TRAIN_KEYS)
+    example["image"] = augmentation_lib.augment_image(example["image"], self.augmentation,
+                                                      seed=self.sampler.seed, step=step, row=row)
     return example
 
-  def produce(i):
-    step = start_step + i
-    indices = sampler(step)[rows]
-    global_rows = range(rows.start, rows.stop)
-    examples = list(pool.map(load, itertools.repeat(step), global_rows, indices))
-    batch = _stack(examples, keys)
-    batch["label"] = batch["label"].astype(np.int32)
-    if image_dtype == np.float32:
+
+class _FinishBatch:
+  """Labels as int32 and, for float32 output, images in the model's [-1, 1]."""
+
+  def __init__(self, image_dtype):
+    self.image_dtype = image_dtype
+
+  def __call__(self, batch: dict) -> dict:
+    if "label" in batch:
+      batch["label"] = batch["label"].astype(np.int32)
+    if self.image_dtype == np.float32 and "image" in batch:
       batch["image"] = grading.to_model_input(batch["image"])
     return batch
 
-  prefetcher = prefetch_lib.Prefetcher(produce, None, prefetch_depth)
+
+def _batched(examples, local: int, image_dtype, prefetch_depth: int, num_threads: int,
+             workers: int):
+  """Batches of ``local`` examples, in order, read ``prefetch_depth`` batches ahead.
+
+  In this process (``workers == 0``) grain's ``num_threads`` threads read single
+  examples, so one batch's images decode in parallel. With worker processes each
+  element must be a whole batch: grain gives each worker every n-th element of
+  the random-access dataset, and batching after that split would mix examples of
+  different steps.
+  """
+  finish = _FinishBatch(image_dtype)
+  if workers == 0:
+    read = grain.ReadOptions(num_threads=num_threads,
+                             prefetch_buffer_size=max(1, prefetch_depth) * local)
+    return examples.to_iter_dataset(read).batch(local).map(finish)
+  # grain's workers read its absl flags; outside an absl binary (a notebook, a
+  # test) they are unparsed, so use their defaults.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(1, prefetch_depth))
+  batches = examples.batch(local).map(finish).to_iter_dataset(read)
+  return batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+
+
+def _iterate(dataset):
+  """Yields from a grain dataset's iterator and closes it (threads, worker processes) at the end."""
+  iterator = iter(dataset)
   try:
-    yield from prefetcher
+    yield from iterator
   finally:
-    prefetcher.close()
-    pool.shutdown(wait=False, cancel_futures=True)
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
+
+
+def _train_batches(reader, sampler, rows, augmentation, image_dtype, start_step, prefetch_depth,
+                   num_threads, workers):
+  local = rows.stop - rows.start
+  examples = grain.MapDataset.range(start_step * local, _MAX_STEPS * local).map(
+      _TrainExample(reader, sampler, rows, augmentation))
+  return _iterate(_batched(examples, local, image_dtype, prefetch_depth, num_threads, workers))
 
 
 def num_eval_batches(num_examples: int, batch_size: int) -> int:
@@ -195,8 +263,8 @@ def num_eval_batches(num_examples: int, batch_size: int) -> int:
 
 def eval_batches(source, batch_size: int, *, process_index: int | None = None,
                  process_count: int | None = None, keys: Sequence[str] = ("image", "label"),
-                 image_dtype=np.uint8, prefetch: int = 2,
-                 num_threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 image_dtype=np.uint8, prefetch: int = 2, num_threads: int | None = None,
+                 workers: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Sequential evaluation batches: every example exactly once, the last one padded.
 
   Global batch ``b`` holds examples ``[b * B, (b + 1) * B)``; this host gets
@@ -214,6 +282,7 @@ def eval_batches(source, batch_size: int, *, process_index: int | None = None,
     image_dtype: ``np.uint8`` or ``np.float32`` (``grading.to_model_input`` applied).
     prefetch: batches prepared ahead in the background.
     num_threads: decoder threads; default ``min(8, cpu_count)``.
+    workers: grain worker processes (see ``train_iterator``); 0 reads in threads.
 
   Yields:
     dicts with each of ``keys`` (``[B / P, ...]``; ``"label"`` as int32),
@@ -225,6 +294,7 @@ def eval_batches(source, batch_size: int, *, process_index: int | None = None,
     raise InputPipelineError(f"batch_size must be a positive integer, got {batch_size!r}")
   rows = sampling.host_rows(batch_size, process_index, process_count)
   image_dtype = _check_image_dtype(image_dtype)
+  workers = _check_workers(workers)
   keys = tuple(keys)
   n = len(source)
   if n == 0:
@@ -232,38 +302,36 @@ def eval_batches(source, batch_size: int, *, process_index: int | None = None,
   reader = _lean_source(source, keys)
   template = _read_example(reader, 0, keys)
   return _eval_batches(reader, n, batch_size, rows, keys, template, image_dtype, prefetch,
-                       _default_threads(num_threads))
+                       _default_threads(num_threads), workers)
+
+
+class _EvalExample:
+  """Element ``i`` of this host's evaluation stream: global batch ``i // L``, local row ``i % L``;
+  a padding row (zeros, ``mask`` False, ``index`` -1) past the last example."""
+
+  def __init__(self, reader, n: int, batch_size: int, rows: slice, keys, template):
+    self.reader, self.n, self.batch_size, self.rows = reader, n, batch_size, rows
+    self.keys, self.template = keys, template
+    self.local = rows.stop - rows.start
+
+  def __call__(self, position: int) -> dict:
+    batch, local_row = divmod(int(position), self.local)
+    index = batch * self.batch_size + self.rows.start + local_row
+    if index < self.n:
+      example = _read_example(self.reader, index, self.keys)
+    else:
+      example = {k: np.zeros_like(v) for k, v in self.template.items()}
+    example["mask"] = np.bool_(index < self.n)
+    example["index"] = np.int32(index if index < self.n else -1)
+    return example
 
 
 def _eval_batches(reader, n, batch_size, rows, keys, template, image_dtype, prefetch_depth,
-                  num_threads):
-  pool = concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix="drig-decode")
+                  num_threads, workers):
   local = rows.stop - rows.start
-
-  def produce(b):
-    indices = np.arange(b * batch_size + rows.start, b * batch_size + rows.stop)
-    real = indices < n
-    examples = list(pool.map(lambda i: _read_example(reader, i, keys), indices[real]))
-    batch = {}
-    for k in keys:
-      out = np.zeros((local,) + template[k].shape, template[k].dtype)
-      if examples:
-        out[:len(examples)] = np.stack([ex[k] for ex in examples])
-      batch[k] = out
-    if "label" in batch:
-      batch["label"] = batch["label"].astype(np.int32)
-    if image_dtype == np.float32 and "image" in batch:
-      batch["image"] = grading.to_model_input(batch["image"])
-    batch["mask"] = real
-    batch["index"] = np.where(real, indices, -1).astype(np.int32)
-    return batch
-
-  prefetcher = prefetch_lib.Prefetcher(produce, num_eval_batches(n, batch_size), prefetch_depth)
-  try:
-    yield from prefetcher
-  finally:
-    prefetcher.close()
-    pool.shutdown(wait=False, cancel_futures=True)
+  examples = grain.MapDataset.range(num_eval_batches(n, batch_size) * local).map(
+      _EvalExample(reader, n, batch_size, rows, keys, template))
+  return _iterate(_batched(examples, local, image_dtype, prefetch_depth, num_threads, workers))
 
 
 def _check_image_dtype(image_dtype):
@@ -271,3 +339,9 @@ def _check_image_dtype(image_dtype):
   if dtype not in (np.uint8, np.float32):
     raise InputPipelineError(f"image_dtype must be uint8 or float32, got {dtype}")
   return dtype.type
+
+
+def _check_workers(workers) -> int:
+  if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
+    raise InputPipelineError(f"input workers must be an integer >= 0, got {workers!r}")
+  return int(workers)

@@ -402,7 +402,7 @@ def rescale_to_retina(image, geometry, *, size=DEFAULT_SIZE, interpolation=None,
   black edge where a camera cut the retina).
 
   Works for images and for masks: any channel count, dtypes uint8, uint16, int16,
-  float32, float64 and bool. Masks should use ``interpolation=cv2.INTER_NEAREST``.
+  float32, float64 and bool. Lesion masks: :func:`rescale_mask_to_retina`.
 
   Args:
     image: HxW or HxWxC array.
@@ -471,6 +471,42 @@ def rescale_to_retina(image, geometry, *, size=DEFAULT_SIZE, interpolation=None,
                                  borderMode=border_mode, borderValue=border_value),
         array)
   return out.astype(bool) if is_bool else out
+
+
+def rescale_mask_to_retina(mask, geometry, *, size=DEFAULT_SIZE, source="<array>"):
+  """:func:`rescale_to_retina` for a boolean mask, keeping every covered pixel.
+
+  Nearest-neighbour sampling reads one source pixel per output pixel, so when
+  shrinking it can miss a lesion of one or two source pixels altogether (a
+  microaneurysm, the whole evidence of DR grade 1). Here an output pixel is True
+  when any source pixel under it is: the mask is box-filtered (``INTER_AREA``,
+  the exact overlap-weighted average) as float32 and thresholded above zero, i.e.
+  max pooling with the output's pixel footprint. The image itself is shrunk by
+  the same box filter, so these are the output pixels whose value the lesion
+  changed (before the later blurs): the mask stays the lesion's support. When enlarging, where each
+  output pixel lies within one source pixel, nearest-neighbour sampling already
+  keeps every lesion and is used.
+
+  Args:
+    mask: bool (or 0/1) HxW array.
+    geometry: RetinaGeometry measured on the image the mask belongs to.
+    size: output side in pixels.
+    source: the file the mask came from, for messages.
+
+  Returns:
+    bool[size, size].
+
+  Raises:
+    FundusImageError: ``mask`` is not 2-D, or the geometry is invalid.
+  """
+  array = np.asarray(mask)
+  if array.ndim != 2:
+    raise FundusImageError(source, f"expected an HxW mask, got shape {array.shape}")
+  shrinking = size < geometry.diameter
+  out = rescale_to_retina(array.astype(np.float32 if shrinking else np.uint8), geometry,
+                          size=size, interpolation=cv2.INTER_AREA if shrinking
+                          else cv2.INTER_NEAREST, source=source, warn=False)
+  return np.asarray(out).reshape(size, size) > 0
 
 
 def source_footprint(geometry, image_shape, *, size=DEFAULT_SIZE):

@@ -1,8 +1,11 @@
 """The batch analysis job (drig.analysis.job) and binary on tiny synthetic data, tiny model."""
 
+import collections
 import glob
+import html.parser
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,11 +24,15 @@ import helpers  # tests/helpers.py
 from configs import analyze as analyze_config
 from configs import base as base_config
 from drig import attribution
+from drig import grading
+from drig import parallel
 from drig.analysis import attributor
 from drig.analysis import errors
 from drig.analysis import job
+from drig.analysis import model_source
 from drig.analysis import quantity_specs
 from drig.analysis import shards as shards_lib
+from drig.analysis import validation
 from drig.attribution import integration
 from drig.data import datasets
 from drig.models import checkpoints
@@ -121,8 +128,12 @@ def test_shards_have_the_documented_keys_and_shapes(finished):
       np.testing.assert_allclose(shards_lib.decode_map(s, "pixel_ig.predicted")[i],
                                  shards_lib.decode_map(s, f"pixel_ig.grade_{grade}")[i],
                                  rtol=1e-3, atol=1e-3 * np.abs(s["pixel_ig.predicted.scale"][i]))
-  assert s["localization.predicted"].shape == (2, 4, len(s["localization_lesions"]), 3)
-  assert list(s["localization_methods"]) == ["pixel_ig", "active_regions", "gradient", "random"]
+  # The tiny config's methods: saliency (|gradient|, unsigned) is scored as it is; the
+  # signed ones by their positive part and their absolute value.
+  assert list(s["localization_methods"]) == [
+      "pixel_ig", "active_regions", "gradient", "saliency", "input_x_gradient",
+      "input_x_gradient (absolute)", "smoothgrad", "smoothgrad (absolute)", "random"]
+  assert s["localization.predicted"].shape == (2, 9, len(s["localization_lesions"]), 3)
 
 
 def test_report_figures_and_metrics(finished):
@@ -142,6 +153,24 @@ def test_report_figures_and_metrics(finished):
   for path in result.figures:
     assert os.path.relpath(path, workdir) in markdown
 
+
+
+def test_report_html_is_structured(finished):
+  workdir, result = finished
+  page = open(result.report["html"], encoding="utf-8").read()
+  parser = HtmlStructure()
+  parser.feed(page)
+  # Tables are real tables: no Markdown table syntax survives in the page's text.
+  assert parser.tags["table"] >= 2
+  assert not re.search(r"^\s*\|.*\|\s*$", parser.text, re.M)
+  assert "|---" not in parser.text
+  # Every figure shown exists, and every figure written is shown.
+  sources = {os.path.normpath(os.path.join(workdir, s)) for s in parser.images}
+  assert sources and all(os.path.exists(s) for s in sources)
+  assert {os.path.normpath(p) for p in result.figures} <= sources
+  # A contents list whose links reach the section headings.
+  assert parser.links_to_anchors and set(parser.links_to_anchors) <= parser.ids
+  assert not re.search(r"\b1 images\b", parser.text)
 
 def test_rerun_skips_everything_and_changed_config_errors(setup, finished):
   workdir, first = finished
@@ -355,3 +384,178 @@ def test_batch_groups_only_where_the_path_cannot_be_split(monkeypatch):
   assert attributor.batch_groups(3, chunk=4, num_images=16, num_devices=8) == 3  # the config's
   monkeypatch.setattr(integration, "default_groups_per_call", lambda: 1)  # an accelerator
   assert attributor.batch_groups(0, chunk=1, num_images=16, num_devices=1) == 1
+
+
+class HtmlStructure(html.parser.HTMLParser):
+  """Counts tags, collects image sources, element ids, in-page links and visible text."""
+
+  def __init__(self):
+    super().__init__()
+    self.tags = collections.Counter()
+    self.images, self.links_to_anchors, self.ids, self.chunks = [], [], set(), []
+
+  def handle_starttag(self, tag, attrs):
+    attrs = dict(attrs)
+    self.tags[tag] += 1
+    if tag == "img":
+      self.images.append(attrs["src"])
+    if tag == "a" and attrs.get("href", "").startswith("#"):
+      self.links_to_anchors.append(attrs["href"][1:])
+    if "id" in attrs:
+      self.ids.add(attrs["id"])
+
+  def handle_data(self, data):
+    self.chunks.append(data)
+
+  @property
+  def text(self):
+    return "".join(self.chunks)
+
+
+def test_linearity_and_counterfactual_sections_report_what_they_measure(finished):
+  workdir, result = finished
+  linearity_metrics = result.metrics["linearity"]
+  assert linearity_metrics["quantity"] == "logit" and linearity_metrics["threshold"] == 0.9
+  cs = np.asarray(linearity_metrics["cs"])
+  # Unclipped, the input moves exactly c ||dq/dx||: the achieved distance is linear in c.
+  distance = np.asarray(linearity_metrics["distance"])
+  np.testing.assert_allclose(distance / cs, distance[0] / cs[0], rtol=1e-3)
+  for layer, summary in linearity_metrics["layers"].items():
+    assert summary["active_series"] + summary["inactive_series"] == summary["series"], layer
+    assert summary["linear_series"] <= summary["active_series"]
+    # Inactive units are counted apart and never special.
+    assert not set(summary["inactive_units"]) & set(summary["special_units"])
+    assert len(summary["average_gradient_drift"]) == len(cs)
+    assert summary["average_gradient_drift"][0] in (0.0, None)
+  counterfactual_metrics = result.metrics["counterfactuals"]
+  assert counterfactual_metrics["budget"] == "l2"
+  assert {"towards_grade_1", "towards_grade_0"} <= set(counterfactual_metrics)
+  for direction in ("towards_grade_1", "towards_grade_0"):
+    found = counterfactual_metrics[direction]
+    if found["num_images"]:
+      assert len(found["original_quantity"]) == found["num_images"]
+      assert set(found["first_flip"]) == {"ig", "gradient", "gradient_support"}
+      assert len(found["flip_rate"]) == 3 * len(analyze_config.get_config("tiny")
+                                                .counterfactuals.cs)
+  markdown = open(result.report["markdown"], encoding="utf-8").read()
+  assert "Quantity: the logit of grade" in markdown and "as measured" in markdown
+  assert "Budget mode 'l2'" in markdown and "first flip" in markdown
+
+
+@pytest.mark.parametrize("field, value", [
+    ("linearity.quantity", "softmax"), ("linearity.threshold", 1.5),
+    ("counterfactuals.quantity", "odds")])
+def test_experiment_settings_are_validated(setup, field, value):
+  with pytest.raises(errors.AnalysisError, match=field.replace(".", r"\.")):
+    validation.validate_config(_config(setup, **{field: value}))
+
+
+def test_method_maps_are_stored_reported_and_consistent(finished):
+  workdir, result = finished
+  config = analyze_config.get_config("tiny")
+  extra = [m for m in config.methods if m != "integrated_gradients"]
+  assert extra  # the tiny config computes a few cheap methods beside pixel IG
+  s = _shard_arrays(workdir)[0]
+  for q in ("predicted", "grade_0", "grade_4"):
+    for m in extra:
+      assert s[f"map.{m}.{q}"].shape == (2, 80, 80, 3) and s[f"map.{m}.{q}.scale"].shape == (2,)
+    # Captum's Saliency is |gradient|: equal to the job's own gradient map, computed apart.
+    gradient = shards_lib.decode_map(s, f"gradient.{q}")
+    saliency = shards_lib.decode_map(s, f"map.saliency.{q}")
+    np.testing.assert_allclose(saliency, np.abs(gradient),
+                               atol=2e-3 * np.abs(gradient).max())
+  assert shards_lib.expected_keys(["predicted"], config.methods)[-1] == (
+      f"map.{extra[-1]}.predicted.scale")
+  metrics = result.metrics
+  assert metrics["baseline"] == "half_gray" and metrics["methods"] == list(config.methods)
+  assert set(extra) <= set(metrics["localization"])
+  markdown = open(result.report["markdown"], encoding="utf-8").read()
+  assert "from the half_gray baseline" in markdown and "Attribution methods" in markdown
+  assert {"methods_000.png", "methods_001.png"} <= {os.path.basename(p) for p in result.figures}
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("methods", ("integrated_gradients", "smoothgrads"), "'smoothgrads' is not one"),
+    ("methods", ("saliency", "saliency"), "each method once"),
+    ("methods", ("expected_gradients",), "distribution of baselines"),
+    ("methods", (), "a non-empty list"),
+    ("baseline", "gray", "unknown baseline 'gray'"),
+    ("baseline", "blurred:0", "sigma must be a number of pixels > 0"),
+])
+def test_bad_methods_and_baselines_are_named(setup, field, value, message):
+  config = _config(setup, **{field: value})
+  with pytest.raises(errors.AnalysisError, match=f"config.{field}=.*{message}"):
+    validation.validate_config(config)
+
+
+def test_named_baselines_are_valid_and_attribution_keys_follow_the_images(setup):
+  for name in ("half_gray", "black", "blurred", "blurred:3.5", "uniform_noise"):
+    validation.validate_config(_config(setup, baseline=name))
+  first = attributor.attribution_key(0, np.array([4, 5, -1]))
+  np.testing.assert_array_equal(first, attributor.attribution_key(0, np.array([4, 7])))
+  assert not np.array_equal(first, attributor.attribution_key(0, np.array([6, 7])))
+  assert not np.array_equal(first, attributor.attribution_key(1, np.array([4, 5])))
+
+
+def test_configured_baseline_is_resolved_per_batch(setup):
+  """The baseline every method of a shard integrates from (the job runs the half-gray one)."""
+  x = grading.to_model_input(
+      np.random.default_rng(5).integers(0, 256, (2, 80, 80, 3), dtype=np.uint8))
+  key = attributor.attribution_key(0, np.arange(2))
+  baselines = {}
+  for name in ("half_gray", "black", "blurred:2", "uniform_noise"):
+    config = _config(setup, baseline=name)
+    loaded = model_source.load_model(config)
+    shard = attributor.ShardAttributor(config, loaded, parallel.local_mesh())
+    baselines[name] = np.asarray(shard._baseline(jnp.asarray(x), key))  # pylint: disable=protected-access
+  np.testing.assert_allclose(baselines["half_gray"], attribution.half_gray_baseline(x))
+  np.testing.assert_array_equal(baselines["black"], np.full((1, 80, 80, 3), -1.0, np.float32))
+  np.testing.assert_allclose(baselines["blurred:2"], attribution.gaussian_blur(x, 2.0))
+  assert baselines["uniform_noise"].shape == x.shape
+  assert -1 <= baselines["uniform_noise"].min() and baselines["uniform_noise"].max() <= 1
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("tolerance", -0.1, "a finite number >= 0"), ("tolerance", float("nan"), "a finite number"),
+    ("tolerance", 1.5, "below 1"), ("max_steps", 1, "an integer >= 2")])
+def test_bad_tolerance_and_max_steps_are_named(setup, field, value, message):
+  with pytest.raises(errors.AnalysisError, match=rf"config\.{field}=.*{message}"):
+    validation.validate_config(_config(setup, **{field: value}))
+
+
+def test_error_controlled_shards_store_steps_and_meet_the_tolerance(setup):
+  config = _config(setup, tolerance=0.05, max_steps=24, quantities=("grade:4",),
+                   methods=("integrated_gradients",))
+  validation.validate_config(config)
+  loaded = model_source.load_model(config)
+  shard = attributor.ShardAttributor(config, loaded, parallel.local_mesh())
+  images = np.random.default_rng(6).integers(0, 256, (2, 80, 80, 3), dtype=np.uint8)
+  out = shard(images, np.arange(2), np.ones((2, 80, 80), bool), None)
+  steps, converged = out["pixel_steps.grade_4"], out["pixel_converged.grade_4"]
+  assert steps.dtype == np.int32 and steps.shape == (2,) and (steps >= 2).all()
+  assert (steps <= 24).all() and (out["layer_steps.grade_4"] <= 24).all()
+  # The stored relative gap is |gap| / |F(x) - F(baseline)| from the model itself.
+  x = grading.to_model_input(images)
+  logits = model_source.ModelLogits(loaded.model, shard.variables)
+  probability = lambda images: jax.nn.softmax(logits(images), axis=-1)[:, 4]
+  change = np.asarray(probability(x) - probability(attribution.half_gray_baseline(x)))
+  np.testing.assert_allclose(out["pixel_relative_gap.grade_4"],
+                             np.abs(out["pixel_gap.grade_4"]) / np.abs(change), rtol=2e-2)
+  relative = out["pixel_relative_gap.grade_4"]
+  assert (relative[converged] <= 0.05 * 1.01).all()
+  assert ((steps == 24) | converged).all()  # an image stops converged or at max_steps
+
+
+def test_report_shows_integration_accuracy(finished):
+  workdir, result = finished
+  markdown = open(result.report["markdown"], encoding="utf-8").read()
+  assert "Integration accuracy" in markdown and "relative gap median" in markdown
+  metrics = result.metrics
+  assert set(metrics["pixel_relative_gap.grade_4"]) == {"median", "p90", "max"}
+  data = shards_lib.load_shards(sorted(glob.glob(os.path.join(workdir, "shards", "*.npz"))))
+  above = np.flatnonzero(~(data["pixel_converged.grade_4"] & data["layer_converged.grade_4"]))
+  # With fixed steps an image counts as converged when its relative gap is within 1%.
+  np.testing.assert_array_equal(data["pixel_converged.grade_4"],
+                                data["pixel_relative_gap.grade_4"] <= 0.01)
+  assert metrics["images_above_tolerance.grade_4"] == [int(data["index"][i]) for i in above]
+  np.testing.assert_array_equal(data["pixel_steps.grade_4"], 4)  # the tiny config's fixed steps

@@ -91,19 +91,24 @@ def test_fit_matches_polyfit_and_linregress():
   assert not fit.constant.any()
 
 
-def test_constant_series_is_linear_and_special_units_sorted():
+def test_constant_series_is_inactive_not_linear_and_special_units_sorted():
   cs = np.arange(5.0)
   y = np.stack([np.full(5, 2.0), np.zeros(5), 1.5 * cs - 1, np.array([0., 1, 0, 1, 0]),
                 np.array([0., 1, 2, 2, 2])], axis=-1)
   fit = linearity.fit_linearity(cs, y)
-  np.testing.assert_allclose(fit.r2[:3], 1.0)
+  # A constant series is inactive: R^2 undefined (NaN), never 1; slope 0.
+  assert np.isnan(fit.r2[:2]).all()
+  np.testing.assert_array_equal(fit.slope[:2], 0.0)
+  np.testing.assert_allclose(fit.r2[2], 1.0)
   np.testing.assert_array_equal(fit.constant, [True, True, False, False, False])
-  np.testing.assert_array_equal(linearity.constant_units(fit), [0, 1])
+  np.testing.assert_array_equal(linearity.inactive_units(fit), [0, 1])
   assert fit.r2[3] < fit.r2[4] < 0.9
   np.testing.assert_array_equal(linearity.special_units(fit, 0.9), [3, 4])
-  # Per image [N, U]: a unit is special if any image's series is non-linear ("min").
+  # Per image [N, U]: a unit is special if any image's active series is non-linear ("min");
+  # unit 3 is inactive for the second image and still special from the first.
   stacked = linearity.LinearFit(*(np.stack([f, f[[3, 1, 2, 0, 4]]]) for f in fit))
   np.testing.assert_array_equal(linearity.special_units(stacked, 0.9), [0, 3, 4])
+  np.testing.assert_array_equal(linearity.inactive_units(stacked), [1])
   with pytest.raises(linearity.LinearityError):
     linearity.fit_linearity([1.0, 1.0], np.zeros((2, 3)))
 
@@ -122,8 +127,8 @@ def test_fully_linear_model_is_exactly_linear():
   x = rng.uniform(-1, 1, size=(2,) + SHAPE).astype(np.float32)
   cs = linearity.exponential_cs(1e-2, 2.0, 8)
   grade = 3
-  result = linearity.linearity_experiment(model, variables, x, grade=grade, cs=cs, steps=4,
-                                          space="logit")
+  result = linearity.linearity_experiment(model, variables, x, grade=grade, cs=cs, steps=4)
+  assert result.space == "logit"  # the default: an unbounded quantity
   assert result.attributions["fc1"].shape == (8, 2, 6)
   assert result.attributions["fc2"].shape == (8, 2, 4)
   assert result.quantity.shape == (8, 2)
@@ -139,6 +144,79 @@ def test_fully_linear_model_is_exactly_linear():
   expected = (w1.T @ (w1 @ v)) * v
   np.testing.assert_allclose(result.fits["fc1"].slope, np.broadcast_to(expected, (2, 6)),
                              rtol=1e-4)
+  # The poster's explanation, measured: the averaged gradient g_j = LIG_j / delta_j is v_j at
+  # every c (drift 0), the difference term delta_j(c) = (W1^T (x + c g - x'))_j is affine in
+  # c, and the input moved exactly c ||g|| (in pixels: times 127.5).
+  g = np.asarray(result.average_gradients["fc1"])
+  np.testing.assert_allclose(g, np.broadcast_to(v, g.shape), rtol=1e-3)
+  np.testing.assert_allclose(linearity.average_gradient_drift(result, "fc1"), 0.0, atol=1e-3)
+  w_total = w1 @ v
+  x_flat = x.reshape(2, -1).astype(np.float64)
+  baseline = np.full(D, 128 / 127.5 - 1)
+  delta = (x_flat[None] + cs[:, None, None] * w_total - baseline) @ w1
+  np.testing.assert_allclose(result.differences["fc1"], delta, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(result.distance, 127.5 * cs[:, None] * np.linalg.norm(w_total)
+                             * np.ones((1, 2)), rtol=1e-5)
+  summary = linearity.layer_summary(result, "fc1")
+  assert summary["active_series"] == 12 and summary["inactive_series"] == 0
+  assert summary["linear_series"] == 12 and summary["special_units"] == []
+  np.testing.assert_allclose(summary["median_slope"], np.median(expected), rtol=1e-4)
+
+
+def test_probability_attributions_stay_bounded_while_logit_ones_grow():
+  """Completeness: the units' attributions sum to q(x(c)) - q(baseline) (within quadrature
+  error). For the probability that is below 1 at every c; for the logit of a linear model
+  it grows linearly in c without bound, the growth the poster describes."""
+  rng = np.random.default_rng(9)
+  model, variables = HeadNet(), _linear_variables(rng)
+  x = rng.uniform(-1, 1, size=(1,) + SHAPE).astype(np.float32)
+  cs = linearity.exponential_cs(1.0, 4.0, 5)
+  totals = {}
+  for space in ("probability", "logit"):
+    result = linearity.linearity_experiment(model, variables, x, grade=2, cs=cs, steps=16,
+                                            space=space, layers=("fc2",))
+    assert result.space == space
+    totals[space] = result.attributions["fc2"].sum(axis=-1)[:, 0]
+  assert np.all(np.abs(totals["probability"]) < 1.0)
+  growth = np.diff(totals["logit"]) / np.diff(cs)
+  np.testing.assert_allclose(growth, growth[0], rtol=1e-3)
+  assert totals["logit"][-1] > 100 * abs(totals["probability"][-1])
+  assert linearity.quantity_label(2, "logit") == "logit of grade 2"
+  with pytest.raises(linearity.LinearityError, match="space"):
+    linearity.quantity_label(2, "odds")
+
+
+def test_dead_unit_is_inactive_not_perfectly_linear():
+  rng = np.random.default_rng(7)
+  # Orthonormal fc1 columns: the gradient moves the live units' pre-activations by c * v_j
+  # and the dead unit's by 0, so unit 5 (pre-activation -50) stays off at every c and at
+  # the baseline, while units 0-4 (pre-activation 5) stay on: exactly linear.
+  w1 = np.linalg.qr(rng.normal(size=(D, 6)))[0]
+  v = np.array([1.0, -0.7, 0.5, 0.9, -0.4, 2.0])
+  w2 = np.zeros((6, 4))
+  w2[:, 0] = v
+  w3 = np.zeros((4, 5))
+  w3[0, 1] = 1.0
+  x = rng.uniform(-0.5, 0.5, size=(2,) + SHAPE).astype(np.float32)
+  b1 = np.array([5.0, 5, 5, 5, 5, -50]) - x.reshape(2, -1)[0] @ w1
+  x[1] = x[0]  # one bias serves both images
+  variables = {"params": {"fc1": _dense(w1, b1), "fc2": _dense(w2, np.zeros(4)),
+                          "logits": _dense(w3, np.zeros(5))}}
+  cs = linearity.exponential_cs(1e-3, 2.0, 8)
+  result = linearity.linearity_experiment(HeadNet(activation="relu"), variables, x, grade=1,
+                                          cs=cs, steps=4, layers=("fc1",))
+  fit = result.fits["fc1"]
+  np.testing.assert_array_equal(result.attributions["fc1"][:, :, 5], 0.0)
+  assert fit.constant[:, 5].all() and np.isnan(fit.r2[:, 5]).all()
+  np.testing.assert_allclose(fit.r2[:, :5], 1.0, atol=1e-6)
+  np.testing.assert_array_equal(result.inactive["fc1"], [5])
+  assert result.special["fc1"].size == 0
+  summary = linearity.layer_summary(result, "fc1")
+  assert summary["active_series"] == 10 and summary["inactive_series"] == 2
+  assert summary["inactive_units"] == [5] and summary["linear_series"] == 10
+  np.testing.assert_allclose(summary["min_r2"], 1.0, atol=1e-6)
+  # The dead unit has no averaged gradient (delta = 0): NaN, not a number made up.
+  assert np.isnan(result.average_gradients["fc1"][:, :, 5]).all()
 
 
 def test_relu_unit_switching_off_is_special():
@@ -199,6 +277,29 @@ def test_hinton_figure_shows_both_colours():
   np.testing.assert_allclose(areas, np.sort(magnitudes.ravel() / magnitudes.max()), rtol=1e-6)
   with pytest.raises(linearity.LinearityError):
     linearity.hinton_figure(np.zeros(3))
+
+
+def test_hinton_figure_marks_special_units_and_has_a_legend():
+  rng = np.random.default_rng(8)
+  matrix = rng.normal(size=(5, 60))
+  matrix[:, 7] *= 1e-3  # a faint special unit is still drawn when columns are cut
+  fig = linearity.hinton_figure(matrix, title="fc2", special=[7, 20], max_units=16,
+                                special_label="special unit (R^2 < 0.9)")
+  ax = fig.axes[0]
+  labels = [t.get_text() for t in ax.get_xticklabels()]
+  assert len(labels) == 16 and "7*" in labels and "20*" in labels
+  assert sum(label.endswith("*") for label in labels) == 2
+  outlines = ax.collections[1].get_paths()
+  assert len(outlines) == 2
+  legend = [t.get_text() for t in ax.get_legend().get_texts()]
+  assert {"positive", "negative", "special unit (R^2 < 0.9)"} <= set(legend)
+  sizes = [t for t in legend if t.startswith("|attribution|")]
+  peak = np.abs(matrix[:, sorted(int(l.rstrip("*")) for l in labels)]).max()
+  assert sizes == [f"|attribution| {peak:.3g}", f"|attribution| {peak / 4:.3g}"]
+  # Readable at report size: at most 14 inches wide, labels of 8 points or more.
+  assert fig.get_figwidth() <= 14 and min(t.get_fontsize() for t in ax.get_xticklabels()) >= 8
+  with pytest.raises(linearity.LinearityError, match="special"):
+    linearity.hinton_figure(matrix, special=[60])
 
 
 def test_unit_attributions_is_layer_ig_per_unit():

@@ -352,3 +352,22 @@ def test_calibrated_batch_statistics(tiny):
   uncalibrated = model.apply(randomisation.randomise_variables(model, variables, 4), images,
                              stop_layer="mixed2")
   assert np.abs(uncalibrated - training).max() > 0.1 * np.abs(training).max()
+
+
+def test_method_maps_score_signed_methods_by_positive_part_and_absolute_value():
+  rng = np.random.default_rng(21)
+  attributions = rng.normal(size=(12, 10, 3)).astype(np.float32)
+  summed = attributions.sum(-1)
+  signed = loc.method_maps("input_x_gradient", attributions, signed=True)
+  assert list(signed) == ["input_x_gradient", "input_x_gradient (absolute)"]
+  np.testing.assert_allclose(signed["input_x_gradient"], np.maximum(summed, 0), rtol=1e-6)
+  np.testing.assert_allclose(signed["input_x_gradient (absolute)"], np.abs(summed), rtol=1e-6)
+  squares = attributions ** 2  # an unsigned map (SmoothGrad-squared) is scored as it is
+  unsigned = loc.method_maps("smoothgrad_sq", squares, signed=False)
+  assert list(unsigned) == ["smoothgrad_sq"]
+  np.testing.assert_allclose(unsigned["smoothgrad_sq"], squares.sum(-1), rtol=1e-6)
+  mask = np.zeros((12, 10), bool)
+  mask[2:6, 3:7] = True
+  scores = loc.score_maps({**signed, **unsigned}, {"lesion": mask})
+  expected = metrics.roc_auc_score(mask.ravel(), np.abs(summed).ravel())
+  assert scores["input_x_gradient (absolute)"]["lesion"]["pixel_auroc"] == pytest.approx(expected)

@@ -33,6 +33,9 @@ def test_against_scikit_learn(seed):
       skm.recall_score(labels >= 2, predictions >= 2))
   assert result["specificity_referable_dr"] == pytest.approx(
       skm.recall_score(labels < 2, predictions < 2))
+  np.testing.assert_allclose(result["recall_per_grade"],
+                             skm.recall_score(labels, predictions, labels=range(5), average=None))
+  assert result["grade_1_recall"] == result["recall_per_grade"][1]
   # The poster's convention is the standard pair, swapped.
   assert result["poster_sensitivity"] == pytest.approx(result["specificity_any_dr"])
   assert result["poster_specificity"] == pytest.approx(result["sensitivity_any_dr"])
@@ -63,6 +66,13 @@ def test_poster_figures_are_reproduced_by_a_constructed_confusion():
   result = metrics.grading_metrics(labels, probabilities)
   assert result["poster_sensitivity"] == pytest.approx(0.96)
   assert result["poster_specificity"] == pytest.approx(0.31)
+
+
+def test_grade_without_images_has_undefined_recall():
+  labels = np.array([0, 0, 2, 3, 4])
+  result = metrics.grading_metrics(labels, np.eye(5)[[0, 1, 2, 3, 3]])  # one grade-0 image called 1
+  assert np.isnan(result["grade_1_recall"])
+  assert result["recall_per_grade"][0] == 0.5 and result["recall_per_grade"][4] == 0.0
 
 
 def test_bad_inputs():

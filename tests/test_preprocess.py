@@ -530,3 +530,27 @@ def test_wrong_arrays(array, problem):
 def test_error_survives_pickling():  # Data-set generation runs in worker processes.
   error = pickle.loads(pickle.dumps(pp.FundusImageError("a/b.jpeg", "image is all black")))
   assert str(error) == "a/b.jpeg: image is all black" and error.source == "a/b.jpeg"
+
+
+def test_mask_rescaling_keeps_every_covered_pixel():
+  # A 512 px square retina shrunk 8x: each input pixel covers an 8x8 block, so the
+  # rule "any covered pixel" is max pooling over the blocks (skimage's block_reduce).
+  from skimage.measure import block_reduce  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  mask = np.zeros((512, 512), bool)
+  mask[rng.integers(512, size=40), rng.integers(512, size=40)] = True  # 1 px lesions
+  mask[100:103, 200:202] = True
+  geometry = pp.RetinaGeometry(center_x=255.5, center_y=255.5, radius=256.0)
+  kept = pp.rescale_mask_to_retina(mask, geometry, size=64)
+  assert kept.dtype == bool and kept.shape == (64, 64)
+  np.testing.assert_array_equal(kept, block_reduce(mask, (8, 8), np.max))
+  # Nearest-neighbour sampling reads one pixel in 64 and loses most of them.
+  nearest = pp.rescale_to_retina(mask.astype(np.uint8), geometry, size=64,
+                                 interpolation=cv2.INTER_NEAREST) > 0
+  assert nearest.sum() < kept.sum() / 4
+  # Enlarging keeps the lesion's pixels as nearest-neighbour sampling does.
+  small = pp.RetinaGeometry(center_x=31.5, center_y=31.5, radius=32.0)
+  np.testing.assert_array_equal(pp.rescale_mask_to_retina(kept, small, size=128),
+                                np.kron(kept, np.ones((2, 2), bool)))
+  with pytest.raises(pp.FundusImageError, match="HxW mask"):
+    pp.rescale_mask_to_retina(np.zeros((8, 8, 3)), geometry, size=4)

@@ -19,10 +19,14 @@ import helpers  # tests/helpers.py
 
 from configs import base as base_config
 from configs import kaggle
+from drig import grading
 from drig import input_pipeline
 from drig import parallel
 from drig.data import datasets
 from drig.input import sampling
+from drig.models import runs
+from drig.training import bootstrap
+from drig.training import metrics as metrics_lib
 from drig.training import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,6 +63,31 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _test_split_metrics(workdir, data_dir, which, flips=False):
+  """The test split's metrics of a workdir's checkpoint, evaluated outside the trainer.
+
+  ``flips``: average the probabilities over the image and its horizontal,
+  vertical and double flips.
+  """
+  run = runs.load_run(str(workdir), which)
+  source = trainer.load_sources(_config(data_dir).data, prepare=False)["test"]
+  examples = [source[i] for i in range(len(source))]
+  images = np.stack([e["image"] for e in examples])
+  copies = ([images, images[:, ::-1], images[:, :, ::-1], images[:, ::-1, ::-1]] if flips
+            else [images])
+  probabilities = np.mean([
+      jax.nn.softmax(run.model.apply(run.variables, grading.to_model_input(np.ascontiguousarray(c)),
+                                     train=False).astype(jnp.float32), -1) for c in copies], 0)
+  return run.step, metrics_lib.grading_metrics([int(e["label"]) for e in examples], probabilities)
+
+
+def _assert_same_metrics(reported, expected):
+  assert reported["confusion_matrix"] == expected["confusion_matrix"]
+  for name in ("accuracy", "quadratic_kappa", "auc_any_dr", "sensitivity_any_dr"):
+    assert reported[name] == pytest.approx(expected[name], abs=1e-5), name
+  np.testing.assert_allclose(reported["recall_per_grade"], expected["recall_per_grade"])
+
+
 def test_a_few_steps_write_metrics_and_checkpoints(data_dir, tmp_path):
   config = _config(data_dir)
   result = trainer.train_and_evaluate(config, str(tmp_path))
@@ -83,8 +112,46 @@ def test_a_few_steps_write_metrics_and_checkpoints(data_dir, tmp_path):
   assert final["test"]["num_examples"] == 15 and final["step"] == total
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert steps[-1] == total and len(steps) <= config.keep_checkpoints + 1
+  # The test split is evaluated with the kept checkpoint of the best validation kappa
+  # (the later one on a tie), which is what the analysis loads.
+  kappas = {r["step"]: r["val/quadratic_kappa"] for r in eval_records}
+  best = max((kappas[s], s) for s in steps if s in kappas)[1]
+  assert final["test_checkpoint"]["step"] == best == result.test_step
+  assert final["test_checkpoint"]["selection"] == "best"
+  step, expected = _test_split_metrics(tmp_path, data_dir, "best")
+  assert step == best
+  _assert_same_metrics(final["test"], expected)
+  assert (final["test_at_last_step"] is None) == (best == total)
+  intervals = final["test_confidence_intervals"]
+  assert intervals["num_resamples"] == config.evaluation.bootstrap_resamples
+  assert set(intervals["intervals"]) == set(bootstrap.INTERVAL_METRICS)
+  low, high = intervals["intervals"]["quadratic_kappa"]
+  assert low <= final["test"]["quadratic_kappa"] <= high
   saved = _read_checkpoint(tmp_path / "checkpoints" / str(total))
   _assert_trees_equal(saved["params"], result.state.params)
+
+
+def test_test_split_uses_the_configured_checkpoint_and_labels_the_last_step(data_dir, tmp_path):
+  # Also the ordinal head, the loss and test-time augmentation options, end to end.
+  config = _config(data_dir, **{"schedule.steps": (2, 1, 1), "keep_checkpoints": 5,
+                                "model.head": "ordinal",
+                                "evaluation.checkpoint": "2",
+                                "evaluation.bootstrap_resamples": 50,
+                                "evaluation.test_time_augmentation": "flips",
+                                "loss.name": "focal", "loss.label_smoothing": 0.1,
+                                "loss.class_weight_power": 1.0})
+  result = trainer.train_and_evaluate(config, str(tmp_path))
+  final = json.loads((tmp_path / "final_metrics.json").read_text())
+  assert final["step"] == 4 and result.test_step == 2
+  assert final["test_checkpoint"] == {"step": 2, "selection": "2",
+                                      "why": "config.checkpoint_step"}
+  _assert_same_metrics(final["test"], _test_split_metrics(tmp_path, data_dir, "2", flips=True)[1])
+  assert final["test_at_last_step"]["step"] == 4
+  _assert_same_metrics(final["test_at_last_step"],
+                       _test_split_metrics(tmp_path, data_dir, "4", flips=True)[1])
+  assert final["test_confidence_intervals"]["num_resamples"] == 50
+  with pytest.raises(ValueError, match="config.evaluation.checkpoint"):
+    trainer.check_inputs(_config(data_dir, **{"evaluation.checkpoint": "last"}))
 
 
 def test_balanced_batches_reach_the_train_step(data_dir):

@@ -18,11 +18,16 @@ import numpy as np
 
 from drig import grading
 from drig import parallel
+from drig import prng
 from drig.analysis import localization
 from drig.analysis.model_source import LoadedModel, ModelLogits
 from drig.analysis.quantity_specs import make_quantity, parse_quantity
-from drig.analysis.shards import decode_map, encode_map
+from drig.analysis.shards import decode_map, encode_map, method_map_key
+from drig.attribution import baselines as baselines_lib
+from drig.attribution import gradients as gradients_lib
+from drig.attribution import adaptive as adaptive_lib
 from drig.attribution import integration as ig_lib
+from drig.attribution import methods as methods_lib
 from drig.attribution import layer as layer_lib
 from drig.attribution import regions as active_regions_lib
 
@@ -54,15 +59,70 @@ def batch_groups(config_groups: int, chunk: int, num_images: int, num_devices: i
   return groups
 
 
+def attribution_key(seed: int, indices: np.ndarray) -> jax.Array:
+  """The random key of a batch's attributions: the seed's, folded with its first image's index.
+
+  A batch's random baselines and noise then depend on its images, not on the
+  order in which shards (or hosts) are attributed.
+  """
+  real = np.asarray(indices)[np.asarray(indices) >= 0]
+  first = int(real[0]) if real.size else 0
+  return prng.named_key(jax.random.PRNGKey(seed), "attribution", first)
+
+
+def integration_arguments(config, chunk: int) -> dict:
+  """lesion_detection's integration keywords: fixed config.steps, or with
+  config.tolerance > 0 error-controlled ("auto") to that relative gap, at most
+  config.max_steps evaluations per image (config.chunk_size > 0: points per call)."""
+  if config.tolerance > 0:
+    return dict(steps="auto", tolerance=config.tolerance, max_steps=config.max_steps,
+                chunk_size=config.chunk_size if config.chunk_size > 0 else None)
+  return dict(steps=config.steps, method=config.method, chunk_size=chunk)
+
+
+def accuracy_arrays(config, q: str, analysis, indices: np.ndarray) -> dict:
+  """Per image: the pixel IG's relative completeness gap, steps used and converged flags.
+
+  relative gap: |gap| / |F(x) - F(baseline)| (F(x) - F(baseline) = sum(IG) - gap).
+  With fixed steps, steps are config.steps and an image counts as converged when
+  its relative gap is within 1% (drig.attribution.adaptive.DEFAULT_TOLERANCE).
+  Images above tolerance (padding excluded) are logged.
+  """
+  def relative_gap(attributions, gap):
+    gap = np.asarray(gap, np.float64)
+    change = np.asarray(attributions, np.float64).reshape(gap.shape[0], -1).sum(axis=1) - gap
+    return np.abs(gap) / np.maximum(np.abs(change), 1e-12)
+
+  relative = relative_gap(analysis.pixels, analysis.pixel_gap)
+  n = relative.shape[0]
+  if analysis.steps is None:
+    pixel_steps = layer_steps = np.full((n,), config.steps, np.int32)
+    pixel_converged = relative <= adaptive_lib.DEFAULT_TOLERANCE
+    layer_converged = (relative_gap(analysis.layer.units, analysis.layer.gap)
+                       <= adaptive_lib.DEFAULT_TOLERANCE)
+  else:
+    pixel_steps, pixel_converged = np.asarray(analysis.steps), np.asarray(analysis.converged)
+    layer_steps = np.asarray(analysis.layer.steps)
+    layer_converged = np.asarray(analysis.layer.converged)
+  real = np.asarray(indices) >= 0
+  above = real & ~(pixel_converged & layer_converged)
+  if above.any():
+    logging.warning("%s: %d image(s) above the tolerance %g (indices %s; pixel relative gaps "
+                    "%s)", q, int(above.sum()),
+                    config.tolerance if config.tolerance > 0 else adaptive_lib.DEFAULT_TOLERANCE,
+                    np.asarray(indices)[above].tolist(),
+                    ", ".join(f"{r:.3g}" for r in relative[above]))
+  return {f"pixel_relative_gap.{q}": relative.astype(np.float32),
+          f"pixel_steps.{q}": np.asarray(pixel_steps, np.int32),
+          f"pixel_converged.{q}": np.asarray(pixel_converged, bool),
+          f"layer_steps.{q}": np.asarray(layer_steps, np.int32),
+          f"layer_converged.{q}": np.asarray(layer_converged, bool)}
+
+
 @jax.jit
 def probabilities(logits_fn, x):
   """softmax(logits_fn(x)) in float32, [N, G]; ``logits_fn`` a pytree (e.g. ModelLogits)."""
   return jax.nn.softmax(logits_fn(x).astype(jnp.float32), axis=-1)
-
-
-@jax.jit
-def _gradient(quantity, x):
-  return jax.grad(lambda p: jnp.sum(quantity(p)))(x)
 
 
 class ShardAttributor:
@@ -77,6 +137,8 @@ class ShardAttributor:
     self.logits_fn = ModelLogits(loaded.model, variables)
     self.to_layer, self.from_layer = layer_lib.split_model(loaded.model, variables, config.layer)
     self.quantities = [parse_quantity(q) for q in config.quantities]
+    # Pixel IG comes from the lesion analysis; the other methods are computed beside it.
+    self.methods = [m for m in config.methods if m != "integrated_gradients"]
     self.k = None
 
   def __call__(self, images: np.ndarray, indices: np.ndarray, field_of_view: np.ndarray,
@@ -88,7 +150,8 @@ class ShardAttributor:
     """
     config = self.config
     x = parallel.shard_batch(grading.to_model_input(images), self.mesh)
-    baseline = parallel.replicate(ig_lib.half_gray_baseline(x), self.mesh)
+    key = attribution_key(config.seed, indices)
+    baseline = self._baseline(x, key)
     n = x.shape[0]
     chunk = path_chunk(config.chunk_size, config.steps, n)
     logits_fn, to_layer, from_layer = self.logits_fn, self.to_layer, self.from_layer
@@ -113,9 +176,10 @@ class ShardAttributor:
       layer_quantity = make_quantity(spec, from_layer, preds)
       analysis = active_regions_lib.lesion_detection(
           to_layer, layer_quantity, x, baseline, k=self.k, by=config.neurons,
-          individual_regions=False, steps=config.steps, method=config.method, chunk_size=chunk)
+          individual_regions=False, **integration_arguments(config, chunk))
       quantity = make_quantity(spec, logits_fn, preds)
-      gradient = _gradient(quantity, x)
+      # drig.attribution.gradients' program: shared with the gradient methods below.
+      gradient = gradients_lib.gradient(quantity, x)
       q = spec.key
       stored = {
           f"pixel_ig.{q}": analysis.pixels,
@@ -123,9 +187,15 @@ class ShardAttributor:
           f"negative_resultant.{q}": jnp.sum(analysis.negative_resultant, axis=-1),
           f"gradient.{q}": gradient,
       }
-      for key, value in stored.items():
-        out[key], out[f"{key}.scale"] = encode_map(np.asarray(value), config.storage_dtype)
+      for name in self.methods:
+        stored[method_map_key(name, q)] = methods_lib.attribute(
+            name, quantity=quantity, x=x, baseline=baseline, key=key,
+            split_model=(to_layer, layer_quantity))
+      for key_name, value in stored.items():
+        out[key_name], out[f"{key_name}.scale"] = encode_map(np.asarray(value),
+                                                             config.storage_dtype)
       out[f"pixel_gap.{q}"] = np.asarray(analysis.pixel_gap, np.float32)
+      out.update(accuracy_arrays(config, q, analysis, indices))
       out[f"layer_channels.{q}"] = np.asarray(analysis.layer.channels, np.float32)
       out[f"layer_gap.{q}"] = np.asarray(analysis.layer.gap, np.float32)
       out[f"top_positive.{q}"] = np.asarray(analysis.top.positive, np.int32)
@@ -137,11 +207,20 @@ class ShardAttributor:
         out.update(self._localization(out, q, indices, field_of_view, masks))
     return out
 
+  def _baseline(self, x, key):
+    """config.baseline for the batch: replicated if shared, split like x if per image."""
+    baseline = baselines_lib.resolve_baseline(self.config.baseline, x,
+                                              key=prng.named_key(key, "baseline"))
+    if baseline.shape[0] == 1:
+      return parallel.replicate(baseline, self.mesh)
+    return jax.device_put(baseline, parallel.batch_sharding(self.mesh))
+
   def _localization(self, out, q, indices, field_of_view, masks) -> dict:
     """Per image: method x lesion x metric scores (NaN where a mask is empty)."""
     pixel = decode_map(out, f"pixel_ig.{q}")
     positive = decode_map(out, f"positive_resultant.{q}")
     gradient = decode_map(out, f"gradient.{q}")
+    method_maps = {name: decode_map(out, method_map_key(name, q)) for name in self.methods}
     rows = []
     names = None
     for i, image_masks in enumerate(masks):
@@ -154,8 +233,11 @@ class ShardAttributor:
           "pixel_ig": localization.saliency(pixel[i], mode="positive"),
           "active_regions": localization.saliency(positive[i], mode="positive"),
           "gradient": localization.saliency(gradient[i], mode="absolute"),
-          "random": localization.random_map(seed, shape),
       }
+      for name in self.methods:
+        maps.update(localization.method_maps(
+            name, method_maps[name][i], signed=methods_lib.is_signed(name)))
+      maps["random"] = localization.random_map(seed, shape)
       scores = localization.score_maps(maps, image_masks, field_of_view)
       if names is None:
         methods = list(scores)

@@ -1,14 +1,35 @@
 """Counterfactuals from integrated gradients and from plain gradients.
 
-One concept: the poster's counterfactual experiment, from the two ways of
-moving the pixels through the sweep over c and the equal-L2 comparison to the
-statistics and the figure that report it.
+One concept: the poster's counterfactual experiment, from the ways of moving
+the pixels (IG, gradient, gradient on IG's support) through the sweep over c,
+the flips and the equal-L2 comparison to the statistics, tables and figure
+that report it.
 
 For images of true grade 1 that the model grades 0, the poster moves every
 pixel by its attribution to the grade-1 outcome F::
 
   IG method:        x' = clip(x + c * sgn(x - baseline) * IG(x), 0, 255)
   gradient method:  x' = clip(x + c * dF/dx(x), 0, 255)
+
+and claims the IG counterfactual is closer to reality and smoother. The same
+functions serve the other direction the poster implies (true grade 0 graded 1
+or higher, F the grade-0 outcome): only ``target_grade`` changes.
+
+A like-for-like comparison. sgn(x - b) * IG is exactly 0 wherever x equals
+the baseline (e.g. the half-gray area outside the field of view), while the
+gradient is not, so smoothness measured on the whole image confounds the two
+directions' supports. A third method, ``gradient_support``, is the gradient
+restricted to the IG direction's support (pixels with x != baseline). And the
+two directions' scales differ by orders of magnitude (IG in pixels ~1e-5 per
+pixel), so equal c means very different changes: ``budget="l2"`` scales every
+direction to one L2 norm before clipping; ``budget="coefficient"`` keeps the
+poster's literal x + c * direction.
+
+Flips. A sweep records, per method, budget and image, the predicted grade;
+``flipped`` is "predicted target_grade" and ``flipped_any_dr`` "predicted 1 or
+higher" (any diabetic retinopathy; useful when the model never predicts grade
+1), and ``first_flip`` / ``first_flip_any_dr`` the smallest budget of the sweep
+at which each image first flips (NaN: never).
 
 A pixel with positive attribution moves away from the half-gray baseline, one
 with negative attribution towards it. Since IG_i = (x_i - b_i) * avg_grad_i,
@@ -49,9 +70,10 @@ import numpy as np
 
 from drig import grading
 from drig.attribution.integration import HALF_GRAY_PIXEL, integrated_gradients, Operands
+from drig.analysis.report_document import plural
 from drig.attribution import quantities
 
-METHODS = ("ig", "gradient")
+METHODS = ("ig", "gradient", "gradient_support")
 PIXEL_MIN, PIXEL_MAX = 0.0, 255.0
 DEFAULT_HIGH_FREQUENCY_CUTOFF = 0.25  # cycles per pixel: half the axis Nyquist frequency
 BUDGETS = ("coefficient", "l2")
@@ -115,6 +137,20 @@ def ig_direction(x, baseline, attributions):
   """sgn(x - baseline) * IG: the IG method's direction, float32 [N, H, W, 3] (pixel units)."""
   x = jnp.asarray(x, jnp.float32)
   return jnp.sign(x - jnp.asarray(baseline, jnp.float32)) * jnp.asarray(attributions, jnp.float32)
+
+
+def support_gradient(x, baseline, gradient):
+  """dF/dx where x != baseline, 0 elsewhere: the gradient on the IG direction's support."""
+  x = jnp.asarray(x, jnp.float32)
+  return jnp.where(x != jnp.asarray(baseline, jnp.float32), jnp.asarray(gradient, jnp.float32),
+                   0.0)
+
+
+def method_directions(x, baseline, attributions, gradient) -> dict[str, jax.Array]:
+  """{method: direction [N, H, W, 3]} for METHODS: sgn(x - b) IG, dF/dx, dF/dx on IG's support."""
+  return {"ig": ig_direction(x, baseline, attributions),
+          "gradient": jnp.asarray(gradient, jnp.float32),
+          "gradient_support": support_gradient(x, baseline, gradient)}
 
 
 def ig_counterfactual(x, baseline, attributions, c):
@@ -276,11 +312,11 @@ def perturbation_statistics(x, x_new, *,
 
 
 class CounterfactualSweep(NamedTuple):
-  """Both methods over a sweep of c; arrays [method, c, image] = [2, C, N] unless noted.
+  """Every method over a sweep of c; arrays [method, c, image] = [M, C, N] unless noted.
 
   Attributes:
     cs: float64 [C], the coefficients (or L2 budgets when budget == "l2").
-    methods: ("ig", "gradient"), the first axis.
+    methods: METHODS ("ig", "gradient", "gradient_support"), the first axis.
     target_grade: the grade F is the outcome of; flipped means it is now predicted.
     budget: "coefficient" (x + c * direction) or "l2" (each change scaled to L2 = c
       before clipping).
@@ -290,7 +326,12 @@ class CounterfactualSweep(NamedTuple):
     l2, total_variation, image_total_variation, high_frequency_energy: float32,
       `perturbation_statistics` of each counterfactual.
     flipped: bool, predicted == target_grade.
+    flipped_any_dr: bool, predicted >= 1 (any diabetic retinopathy).
+    first_flip, first_flip_any_dr: float64 [M, N], the smallest c of the sweep at
+      which the image is flipped (NaN: at none).
+    quantity_name: "probability" or "logit".
     original_predicted: int32 [N], the grade predicted for x.
+    original_probability: float32 [N], P(target_grade | x).
     original_quantity: float32 [N], F(x).
     attributions: float32 [N, H, W, 3], IG of F in pixel space.
     gradient: float32 [N, H, W, 3], dF/dx in pixel space.
@@ -308,7 +349,12 @@ class CounterfactualSweep(NamedTuple):
   image_total_variation: np.ndarray
   high_frequency_energy: np.ndarray
   flipped: np.ndarray
+  flipped_any_dr: np.ndarray
+  first_flip: np.ndarray
+  first_flip_any_dr: np.ndarray
+  quantity_name: str
   original_predicted: np.ndarray
+  original_probability: np.ndarray
   original_quantity: np.ndarray
   attributions: np.ndarray
   gradient: np.ndarray
@@ -347,18 +393,18 @@ def counterfactual_sweep(logits_fn: Callable, x, cs: Sequence[float], *, target_
                          method: str = "riemann_right", quantity: str = "probability",
                          budget: str = "coefficient", chunk_size: int | None = None,
                          cutoff: float = DEFAULT_HIGH_FREQUENCY_CUTOFF) -> CounterfactualSweep:
-  """IG and gradient counterfactuals of every image for every c.
+  """IG, gradient and support-restricted gradient counterfactuals of every image for every c.
 
   F is the probability (or logit) of `target_grade` of the pixel-space model.
   IG (steps, method) and dF/dx are computed once per image; each c then costs
-  one forward pass of 2N counterfactuals (compiled once).
+  one forward pass per method (compiled once).
 
   Args:
     logits_fn: model-space input [N, H, W, 3] in [-1, 1] -> logits [N, G]
       (e.g. jax.tree_util.Partial(model.apply, variables)).
     x: float pixel images [N, H, W, 3] in [0, 255].
     cs: the coefficients, C non-negative numbers. With budget="l2" each is an L2
-      norm in pixel units: both directions are scaled to it before clipping (so
+      norm in pixel units: every direction is scaled to it before clipping (so
       the methods are compared at equal size; clipping can only shrink a change).
     target_grade: the grade whose outcome F is raised (1 in the poster).
     baseline: IG baseline in pixel values, broadcasting to x (128: half gray).
@@ -369,6 +415,10 @@ def counterfactual_sweep(logits_fn: Callable, x, cs: Sequence[float], *, target_
 
   Returns:
     A CounterfactualSweep.
+
+  Raises:
+    CounterfactualError: x is not a batch of images, budget is unknown, or cs
+      holds a negative or non-finite number.
   """
   _check_images(x)
   if budget not in BUDGETS:
@@ -382,11 +432,11 @@ def counterfactual_sweep(logits_fn: Callable, x, cs: Sequence[float], *, target_
       logits_fn, x, baseline, target_grade=target_grade, quantity=quantity, steps=steps,
       method=method, chunk_size=chunk_size)
   gradient = pixel_gradient(logits_fn, x, target_grade=target_grade, quantity=quantity)
-  directions = {"ig": ig_direction(x, baseline, attributions), "gradient": gradient}
+  directions = method_directions(x, baseline, attributions, gradient)
   unit = {name: (_scale_to_l2(d, 1.0) if budget == "l2" else jnp.ones((), jnp.float32))
           for name, d in directions.items()}
-  original_predicted, _, original_quantity = evaluate(logits_fn, x, target_grade=target_grade,
-                                                      quantity=quantity)
+  original_predicted, original_probability, original_quantity = evaluate(
+      logits_fn, x, target_grade=target_grade, quantity=quantity)
   fields = {k: np.zeros((len(METHODS), cs.size, x.shape[0]), np.float32) for k in (
       "probability", "quantity", "l2", "total_variation", "image_total_variation",
       "high_frequency_energy")}
@@ -399,51 +449,134 @@ def counterfactual_sweep(logits_fn: Callable, x, cs: Sequence[float], *, target_
           logits_fn, x_new, target_grade=target_grade, quantity=quantity)
       for key, value in perturbation_statistics(x_host, np.asarray(x_new), cutoff=cutoff).items():
         fields[key][m, j] = value
+  flipped, flipped_any_dr = predicted == int(target_grade), predicted >= 1
   return CounterfactualSweep(
       cs=cs, methods=METHODS, target_grade=int(target_grade), budget=budget,
-      predicted=predicted, flipped=predicted == int(target_grade),
-      original_predicted=original_predicted, original_quantity=original_quantity,
+      predicted=predicted, flipped=flipped, flipped_any_dr=flipped_any_dr,
+      first_flip=first_flip_budgets(cs, flipped),
+      first_flip_any_dr=first_flip_budgets(cs, flipped_any_dr), quantity_name=quantity,
+      original_predicted=original_predicted, original_probability=original_probability,
+      original_quantity=original_quantity,
       attributions=np.asarray(attributions), gradient=np.asarray(gradient), gap=np.asarray(gap),
       **fields)
 
 
+def first_flip_budgets(cs, flipped) -> np.ndarray:
+  """The smallest c at which each image is flipped: float64 [M, N], NaN where never.
+
+  Args:
+    cs: the sweep's C budgets.
+    flipped: bool [M, C, N].
+  """
+  cs = np.asarray(cs, np.float64).reshape(-1)
+  flipped = np.asarray(flipped, bool)
+  budgets = np.where(flipped, cs[None, :, None], np.inf).min(axis=1)
+  return np.where(np.isfinite(budgets), budgets, np.nan)
+
+
+def _spread(values) -> tuple[float, float]:
+  values = np.asarray(values, np.float64)
+  return float(np.mean(values)), float(np.std(values))
+
+
 def flip_rate_table(sweep: CounterfactualSweep) -> list[dict[str, Any]]:
-  """One row per (method, c): the share of images now predicted target_grade, and mean statistics.
+  """One row per (method, c): flip rates, F, and the change's size and smoothness with spread.
 
   Returns:
-    [{"method", "c", "flip_rate", "mean_probability", "mean_l2", "mean_total_variation",
-      "mean_high_frequency_energy"}], python floats, methods outer, c inner.
+    [{"method", "c", "flip_rate" (predicted target_grade), "flip_rate_any_dr"
+      (predicted >= 1), "mean_probability", "mean_quantity", "mean_quantity_change"
+      (F after - F before), "mean_l2", "mean_total_variation", "std_total_variation",
+      "mean_high_frequency_energy", "std_high_frequency_energy"}], python floats,
+    methods outer, c inner; std is over images.
   """
   rows = []
   for m, name in enumerate(sweep.methods):
     for j, c in enumerate(np.asarray(sweep.cs)):
+      tv, tv_std = _spread(sweep.total_variation[m, j])
+      hf, hf_std = _spread(sweep.high_frequency_energy[m, j])
       rows.append({
           "method": name, "c": float(c),
           "flip_rate": float(np.mean(sweep.flipped[m, j])),
+          "flip_rate_any_dr": float(np.mean(sweep.flipped_any_dr[m, j])),
           "mean_probability": float(np.mean(sweep.probability[m, j])),
+          "mean_quantity": float(np.mean(sweep.quantity[m, j])),
+          "mean_quantity_change": float(np.mean(np.asarray(sweep.quantity[m, j], np.float64)
+                                                - sweep.original_quantity)),
           "mean_l2": float(np.mean(sweep.l2[m, j])),
-          "mean_total_variation": float(np.mean(sweep.total_variation[m, j])),
-          "mean_high_frequency_energy": float(np.mean(sweep.high_frequency_energy[m, j])),
+          "mean_total_variation": tv, "std_total_variation": tv_std,
+          "mean_high_frequency_energy": hf, "std_high_frequency_energy": hf_std,
       })
   return rows
 
 
+def _f_name(sweep: CounterfactualSweep) -> str:
+  return f"{'P' if sweep.quantity_name == 'probability' else 'logit'}(grade {sweep.target_grade})"
+
+
 def flip_rate_markdown(sweep: CounterfactualSweep) -> str:
-  """The flip-rate table as Markdown (one row per method and c)."""
+  """The flip-rate table as Markdown (one row per method and c), spreads as mean ± std."""
   c_name = "L2 budget" if sweep.budget == "l2" else "c"
+  any_dr = sweep.target_grade >= 1
+  f = _f_name(sweep)
+  n = sweep.flipped.shape[-1]
   lines = [
-      f"Flip rate: share of the {sweep.flipped.shape[-1]} images predicted grade "
-      f"{sweep.target_grade} after the change.",
+      f"Flip rate: share of the {plural(n, 'image')} predicted grade {sweep.target_grade} "
+      "after the change" + ("; any DR: predicted grade 1 or higher" if any_dr else "")
+      + f". Mean F = {f} before any change: {float(np.mean(sweep.original_quantity)):.4g}. "
+      "TV and HF share (the change's high-frequency energy share) are mean ± std over the "
+      f"{plural(n, 'image')}.",
       "",
-      f"| method | {c_name} | flip rate | mean P(grade {sweep.target_grade}) | mean L2 | "
-      "mean TV | mean HF energy |",
-      "|---|---:|---:|---:|---:|---:|---:|",
+      f"| method | {c_name} | flip rate to {sweep.target_grade}"
+      + (" | any DR" if any_dr else "")
+      + f" | mean {f} | mean ΔF | mean L2 | TV | HF share |",
+      "|---|---:|---:|" + ("---:|" if any_dr else "") + "---:|---:|---:|---:|---:|",
   ]
   for row in flip_rate_table(sweep):
-    lines.append(f"| {row['method']} | {row['c']:.4g} | {row['flip_rate']:.3f} | "
-                 f"{row['mean_probability']:.4f} | {row['mean_l2']:.4g} | "
-                 f"{row['mean_total_variation']:.4g} | "
-                 f"{row['mean_high_frequency_energy']:.3f} |")
+    lines.append(
+        f"| {row['method']} | {row['c']:.4g} | {row['flip_rate']:.3f} | "
+        + (f"{row['flip_rate_any_dr']:.3f} | " if any_dr else "")
+        + f"{row['mean_quantity']:.4g} | {row['mean_quantity_change']:+.3g} | "
+        f"{row['mean_l2']:.4g} | {row['mean_total_variation']:.3g} ± "
+        f"{row['std_total_variation']:.2g} | {row['mean_high_frequency_energy']:.3f} ± "
+        f"{row['std_high_frequency_energy']:.3f} |")
+  return "\n".join(lines) + "\n"
+
+
+def per_image_markdown(sweep: CounterfactualSweep, names: Sequence[str] | None = None) -> str:
+  """Per image and method: the original grade and F, F (grade) after each change, first flips.
+
+  Args:
+    sweep: a CounterfactualSweep.
+    names: N image names (default their positions).
+
+  Returns:
+    A Markdown table, one row per (image, method).
+  """
+  n = sweep.flipped.shape[-1]
+  names = [str(i) for i in range(n)] if names is None else [str(v) for v in names]
+  if len(names) != n:
+    raise CounterfactualError(f"names must give the sweep's {n} images, got {len(names)}")
+  any_dr = sweep.target_grade >= 1
+  c_name = "L2" if sweep.budget == "l2" else "c"
+  header = (["image", "grade", "F", "method"] + [f"{c_name} {c:.3g}" for c in sweep.cs]
+            + [f"first flip to {sweep.target_grade}"] + (["first any DR"] if any_dr else []))
+  lines = [f"F = {_f_name(sweep)}; each cell is F (predicted grade) after the change; first "
+           f"flip: the smallest {c_name} of the sweep that flips the image (- if none).", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+  def budget(value):
+    return "-" if np.isnan(value) else f"{value:.3g}"
+
+  for i in range(n):
+    for m, method in enumerate(sweep.methods):
+      cells = [names[i], str(int(sweep.original_predicted[i])),
+               f"{float(sweep.original_quantity[i]):.4g}", method]
+      cells += [f"{float(sweep.quantity[m, j, i]):.4g} ({int(sweep.predicted[m, j, i])})"
+                for j in range(len(sweep.cs))]
+      cells.append(budget(sweep.first_flip[m, i]))
+      if any_dr:
+        cells.append(budget(sweep.first_flip_any_dr[m, i]))
+      lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -452,19 +585,20 @@ def flip_rate_markdown(sweep: CounterfactualSweep) -> str:
 
 
 class EqualL2Counterfactuals(NamedTuple):
-  """The two counterfactuals with changes of one L2 norm (before clipping).
+  """The counterfactuals of METHODS with changes of one L2 norm (before clipping).
 
   Attributes:
-    ig, gradient: float32 [N, H, W, 3] pixel images in [0, 255].
-    coefficients: float32 [2, N], the c that gave each method's change L2 = budget
-      before clipping ("ig", "gradient"); 0 where the direction is zero.
+    ig, gradient, gradient_support: float32 [N, H, W, 3] pixel images in [0, 255].
+    coefficients: float32 [M, N], the c that gave each method's change L2 = budget
+      before clipping (METHODS order); 0 where the direction is zero.
     budget: float32 [N], the requested L2 norm.
-    statistics: {"ig": {...}, "gradient": {...}} of `perturbation_statistics`; their
-      "l2" is the achieved norm after clipping (<= budget).
-    predicted, probability, quantity: [2, N] (int32, float32, float32), as in the sweep.
+    statistics: {method: {...}} of `perturbation_statistics`; their "l2" is the
+      achieved norm after clipping (<= budget).
+    predicted, probability, quantity: [M, N] (int32, float32, float32), as in the sweep.
   """
   ig: np.ndarray
   gradient: np.ndarray
+  gradient_support: np.ndarray
   coefficients: np.ndarray
   budget: np.ndarray
   statistics: dict
@@ -476,10 +610,10 @@ class EqualL2Counterfactuals(NamedTuple):
 def at_equal_l2(logits_fn: Callable, x, baseline, attributions, gradient, l2_budget, *,
                 target_grade: int = 1, quantity: str = "probability",
                 cutoff: float = DEFAULT_HIGH_FREQUENCY_CUTOFF) -> EqualL2Counterfactuals:
-  """IG and gradient counterfactuals whose unclipped changes both have L2 norm l2_budget.
+  """Counterfactuals of every method whose unclipped changes all have L2 norm l2_budget.
 
-  Each method's c is l2_budget / ||direction|| per image (direction sgn(x - b) * IG
-  or dF/dx), so x + c * direction lies exactly l2_budget from x. The clip to
+  Each method's c is l2_budget / ||direction|| per image (direction sgn(x - b) * IG,
+  dF/dx, or dF/dx where x != b), so x + c * direction lies exactly l2_budget from x. The clip to
   [0, 255] then can only shrink the change: the achieved norm is statistics[m]["l2"].
 
   Args:
@@ -500,8 +634,7 @@ def at_equal_l2(logits_fn: Callable, x, baseline, attributions, gradient, l2_bud
   budget = np.broadcast_to(np.asarray(l2_budget, np.float32), (x.shape[0],)).copy()
   if np.any(budget < 0):
     raise CounterfactualError(f"l2_budget must be non-negative, got {l2_budget}")
-  directions = {"ig": ig_direction(x, baseline, attributions),
-                "gradient": jnp.asarray(gradient, jnp.float32)}
+  directions = method_directions(x, baseline, attributions, gradient)
   images, coefficients, statistics = {}, [], {}
   preds, probs, values = [], [], []
   for name in METHODS:
@@ -512,7 +645,7 @@ def at_equal_l2(logits_fn: Callable, x, baseline, attributions, gradient, l2_bud
     p, prob, v = evaluate(logits_fn, images[name], target_grade=target_grade, quantity=quantity)
     preds.append(p), probs.append(prob), values.append(v)
   return EqualL2Counterfactuals(
-      ig=images["ig"], gradient=images["gradient"],
+      ig=images["ig"], gradient=images["gradient"], gradient_support=images["gradient_support"],
       coefficients=np.stack(coefficients).astype(np.float32), budget=budget,
       statistics=statistics, predicted=np.stack(preds), probability=np.stack(probs),
       quantity=np.stack(values))

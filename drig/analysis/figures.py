@@ -192,6 +192,42 @@ def quantity_pair_figure(image, maps: Mapping[str, np.ndarray], *, title: str = 
   return fig
 
 
+def methods_figure(image, maps: Mapping[str, np.ndarray], *, title: str = "",
+                   percentile: float = heatmap.DEFAULT_PERCENTILE,
+                   dpi: int = DEFAULT_DPI) -> Figure:
+  """One image's maps by several attribution methods, each on its own colour scale.
+
+  Methods have different units (IG sums to a change in the quantity, a
+  gradient is per unit of input), so each panel is clipped at its own
+  percentile of |values| and has its own colour bar.
+
+  Args:
+    image: the preprocessed input, uint8 [H, W, 3], or None (maps on black).
+    maps: method name -> float [H, W] or [H, W, C] (channels summed); at least one.
+    title: the figure's title.
+    percentile: |value| at this percentile (per map) is full intensity.
+    dpi: the figure's resolution.
+
+  Returns:
+    A 1 x len(maps) Figure, panels in the mapping's order, titled by the keys.
+
+  Raises:
+    FigureInputError: no map, or a map that is not finite or not the image's size.
+  """
+  if not maps:
+    raise FigureInputError("methods_figure needs at least one map")
+  image = None if image is None else _check_image(image, "image")
+  shape = None if image is None else image.shape
+  values = {name: _check_map(m, shape, f"maps[{name!r}]") for name, m in maps.items()}
+  fig = new_figure(PANEL_INCHES * len(values) + 0.5 * len(values), PANEL_INCHES + 0.6, dpi=dpi)
+  for i, (name, value) in enumerate(values.items()):
+    ax = fig.add_subplot(1, len(values), i + 1)
+    _show_map(ax, image, value, shared_clip([value], percentile), str(name))
+  if title:
+    fig.suptitle(title)
+  return fig
+
+
 def group_sum_figure(image, summed_map, *, title: str = "",
                      percentile: float = heatmap.DEFAULT_PERCENTILE,
                      dpi: int = DEFAULT_DPI) -> Figure:

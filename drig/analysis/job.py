@@ -211,7 +211,8 @@ def run_analysis(config, workdir: str) -> AnalysisResult:
   num_shards = -(-len(images) // config.shard_size)
   hosts = jax.process_count()
   mine = [s for s in range(num_shards) if s % hosts == jax.process_index()]
-  keys = shards_lib.expected_keys(parse_quantity(q).key for q in config.quantities)
+  keys = shards_lib.expected_keys((parse_quantity(q).key for q in config.quantities),
+                                  config.methods)
   todo = [s for s in mine if not _usable_shard(shards_lib.shard_path(workdir, s), keys)]
   logging.info("%d images in %d shards of %d; host %d of %d owns %d, %d to do; mesh %s",
                len(images), num_shards, config.shard_size, jax.process_index(), hosts,

@@ -76,6 +76,29 @@ def saliency(attributions, mode: str = "positive") -> np.ndarray:
   return a.astype(np.float32)
 
 
+def method_maps(name: str, attributions, *, signed: bool) -> dict[str, np.ndarray]:
+  """One method's attributions for one image as the saliency maps it is scored by.
+
+  Like for like across methods: a signed method's map counts by its positive
+  part (evidence for the quantity, as pixel IG) and, as a second entry, by its
+  absolute value (as the gradient is usually shown); an unsigned method's map
+  (e.g. SmoothGrad-squared, VarGrad, Captum's Saliency), already >= 0, counts
+  as it is, which is both its positive part and its absolute value.
+
+  Args:
+    name: the method's name (the key of its first map).
+    attributions: [H, W, C] (channels summed first) or [H, W].
+    signed: whether the method's values carry a sign.
+
+  Returns:
+    {name: map} and, for signed methods, {f"{name} (absolute)": |map|}; float32 [H, W].
+  """
+  if not signed:
+    return {name: saliency(attributions, mode="signed")}
+  return {name: saliency(attributions, mode="positive"),
+          f"{name} (absolute)": saliency(attributions, mode="absolute")}
+
+
 def random_map(seed: int, shape: Sequence[int]) -> np.ndarray:
   """The random control map: i.i.d. uniform [0, 1) values, float32 of `shape`.
 

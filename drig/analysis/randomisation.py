@@ -181,3 +181,31 @@ def randomise_variables(model, variables, seed: int, *, scope: Any = "all",
         flat[path] = calibrated[path].astype(flat[path].dtype)
     result["batch_stats"] = traverse_util.unflatten_dict(flat)
   return result
+
+
+def cascade_scopes(model, variables) -> list[tuple[str, tuple[str, ...]]]:
+  """Adebayo et al.'s cascading randomisation, from the logits down to the stem.
+
+  Stage ``k`` re-initialises the top ``k + 1`` layers: the head's layers in
+  reverse order (logits, fc2, fc1), then the Inception base's blocks from the
+  last (Mixed_7c) to the stem (Conv2d_1a_3x3). Pass each stage's scope to
+  ``randomise_variables``; a map that stays the same while ever more of the
+  network becomes random is not explaining the model.
+
+  Args:
+    model: a drig classifier (or any module with ``head_layer_names``).
+    variables: its variables; the base's blocks are read in the order the model
+      created them.
+
+  Returns:
+    [(name of the layer added at this stage, cumulative scope of parameter paths)].
+  """
+  params = flax.core.unfreeze(variables)["params"]
+  layers = list(reversed(head_scope(model)))
+  if "base" in params:
+    layers += [f"base/{name}" for name in reversed(list(params["base"]))]
+  stages, scope = [], ()
+  for layer in layers:
+    scope = scope + (layer,)
+    stages.append((layer, scope))
+  return stages

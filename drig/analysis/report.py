@@ -4,8 +4,9 @@
 runs the report's sections (``drig.analysis.report_sections``): Fig (a) for
 the first images, Fig (b) for one sample, group sums per true grade, the
 localisation summary (when the data set has masks), the model-randomisation
-check, counterfactuals for true-grade-1 images predicted 0, and the linearity
-experiment of the fully connected units. Each output file is written
+check, counterfactuals for true-grade-1 images predicted 0 (and true-grade-0
+images predicted 1 or higher, towards grade 0), and the linearity experiment
+of the fully connected units. Each output file is written
 atomically; each experiment that cannot run says why in the report instead of
 ending the job. ``finished_result`` reads a finished workdir's summary back.
 """
@@ -38,6 +39,47 @@ def _run_section(name: str, fn, report: Report, errors: dict, *args) -> None:
   logging.info("section %s: %.1f s", name, time.perf_counter() - started)
 
 
+def _integration_words(config) -> str:
+  if config.tolerance > 0:
+    return (f"error-controlled to a relative completeness gap of {config.tolerance:g} "
+            f"(at most {config.max_steps} evaluations per image and pass)")
+  return f"{config.steps} steps ({config.method})"
+
+
+def _integration_accuracy(config, data, report, metrics) -> None:
+  """Per quantity: the distribution of relative pixel gaps and of steps used, and the
+  images above tolerance (config.tolerance; 1% with fixed steps)."""
+  tolerance = config.tolerance if config.tolerance > 0 else 0.01
+  rows, above_rows = [], []
+  for spec in map(parse_quantity, config.quantities):
+    q = spec.key
+    relative, steps = data[f"pixel_relative_gap.{q}"], data[f"pixel_steps.{q}"]
+    layer_steps = data[f"layer_steps.{q}"]
+    above = ~(data[f"pixel_converged.{q}"] & data[f"layer_converged.{q}"])
+    rows.append((spec.label, f"{np.median(relative):.2%}", f"{np.percentile(relative, 90):.2%}",
+                 f"{relative.max():.2%}", f"{np.median(steps):g} / {steps.max()}",
+                 f"{np.median(layer_steps):g} / {layer_steps.max()}", int(above.sum())))
+    above_rows += [(spec.label, int(data["index"][i]), f"{relative[i]:.2%}", int(steps[i]),
+                    int(layer_steps[i])) for i in np.flatnonzero(above)]
+    metrics[f"pixel_relative_gap.{q}"] = {
+        "median": float(np.median(relative)), "p90": float(np.percentile(relative, 90)),
+        "max": float(relative.max())}
+    metrics[f"pixel_steps.{q}"] = {"median": float(np.median(steps)), "max": int(steps.max())}
+    metrics[f"images_above_tolerance.{q}"] = [int(data["index"][i]) for i in np.flatnonzero(above)]
+  report.paragraph(
+      f"Integration accuracy: relative pixel gap |sum(IG) - (F(x) - F(baseline))| / "
+      f"|F(x) - F(baseline)| and model evaluations per image; tolerance {tolerance:g}"
+      + ("." if config.tolerance > 0 else " (fixed steps: not controlled, only checked)."))
+  report.table(["quantity", "relative gap median", "90th percentile", "max",
+                "pixel pass steps median / max", "layer pass steps median / max",
+                "images above tolerance"], rows)
+  if above_rows:
+    report.paragraph("Images above tolerance (pixel or layer pass): their maps miss more "
+                     "than the tolerance of F(x) - F(baseline).")
+    report.table(["quantity", "image index", "relative pixel gap", "pixel pass steps",
+                  "layer pass steps"], above_rows)
+
+
 def finish(config, workdir: str, result, loaded, images, field_of_view):
   """Host 0's outputs from every shard; returns ``result`` with the summary filled in."""
   data = load_shards(result.shards)
@@ -56,6 +98,8 @@ def finish(config, workdir: str, result, loaded, images, field_of_view):
       "num_images": n, "num_skipped": len(skipped), "model": loaded.description,
       "images": images.description, "layer": config.layer,
       "quantities": list(config.quantities), "steps": config.steps, "method": config.method,
+      "tolerance": config.tolerance, "max_steps": config.max_steps,
+      "baseline": config.baseline, "methods": list(config.methods),
       "accuracy": float(np.mean(labels[known] == predictions[known])) if known.any() else None,
   }
   for spec in map(parse_quantity, config.quantities):
@@ -63,8 +107,9 @@ def finish(config, workdir: str, result, loaded, images, field_of_view):
         data[f"pixel_gap.{spec.key}"]))) if n else None
   report.paragraph(f"Model: {loaded.description}.")
   report.paragraph(f"Images: {images.description}; {n} analysed, {len(skipped)} skipped. "
-                   f"Pixel IG from the half-gray baseline, {config.steps} steps "
-                   f"({config.method}); layer {config.layer}.")
+                   f"Pixel IG from the {config.baseline} baseline, {_integration_words(config)}"
+                   f"; layer {config.layer}. Attribution methods: "
+                   f"{', '.join(config.methods)}.")
   if skipped:
     report.heading("Skipped images")
     report.table(["index", "name", "reason"],
@@ -76,12 +121,15 @@ def finish(config, workdir: str, result, loaded, images, field_of_view):
                  [(s.label, f"{np.abs(data[f'pixel_gap.{s.key}']).max():.3g}",
                    f"{np.abs(data[f'layer_gap.{s.key}']).max():.3g}")
                   for s in map(parse_quantity, config.quantities)])
+    _integration_accuracy(config, data, report, metrics)
   figures, errors = [], {}
   if n:
     _run_section("fig_a", sections.fig_a, report, errors, config, data, images, report, figures,
                  folder)
     _run_section("fig_b", sections.fig_b, report, errors, config, data, images, report, figures,
                  folder)
+    _run_section("method_maps", sections.method_maps, report, errors, config, data, images,
+                 report, figures, folder)
     _run_section("group_sums", sections.group_sums, report, errors, config, data, images, report,
                  figures, folder, metrics)
     _run_section("localization", sections.localization_summary, report, errors, config, data,

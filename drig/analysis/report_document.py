@@ -1,68 +1,165 @@
-"""The analysis report as a document: Markdown and HTML built side by side.
+"""The analysis report as a document: one content, written as Markdown and as HTML.
 
-``Report`` collects headings, paragraphs, tables and figures once and writes
-both ``report.md`` and ``report.html`` (figures as thumbnails linking to the
-PNG files) into the workdir, each atomically.
+``Report`` collects headings, paragraphs, tables and figures once. ``write``
+puts ``report.md`` and ``report.html`` in the workdir, each atomically. The
+HTML is rendered from the same Markdown by the ``markdown`` library (tables
+become real tables, lists real lists), with a table of contents, a sentence
+under each section heading saying what it shows, and figures laid out by
+shape: wide figures (strips, panels) take the full page width, others sit side
+by side at a readable size; each links to its full-resolution file.
 """
+
+from __future__ import annotations
 
 import html
 import os
+import re
+import struct
+
+import markdown
 
 from drig.analysis import files
 
+# Figures at least this much wider than tall span the page (Fig (a) panels, Hinton strips).
+_WIDE_ASPECT = 1.6
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1200px;margin:auto;padding:0 16px;
+     line-height:1.45;color:rgb(34,34,34)}
+h1{margin-bottom:4px}
+nav{background:rgb(244,244,244);padding:6px 14px;border-radius:4px;display:inline-block}
+nav ul{margin:4px 0;padding-left:18px}
+p.about{color:rgb(85,85,85);font-style:italic;margin-top:-6px}
+table{border-collapse:collapse;margin:8px 0;font-size:0.92em}
+td,th{border:1px solid rgb(187,187,187);padding:3px 8px;text-align:right}
+td:first-child,th:first-child{text-align:left}
+th{background:rgb(238,238,238)}
+figure{margin:10px 6px;display:inline-block;vertical-align:top;max-width:560px}
+figure img{max-width:100%;height:auto;border:1px solid rgb(221,221,221)}
+figure.wide{display:block;max-width:100%}
+figcaption{font-size:0.9em;color:rgb(51,51,51)}
+"""
+
+
+def plural(count: int, singular: str, plural_form: str | None = None) -> str:
+  """``"1 image"``, ``"3 images"``: a count with its noun in the right number."""
+  word = singular if count == 1 else (plural_form or singular + "s")
+  return f"{count} {word}"
+
+
+def _slug(text: str, taken: set) -> str:
+  slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
+  unique, suffix = slug, 2
+  while unique in taken:
+    unique, suffix = f"{slug}-{suffix}", suffix + 1
+  taken.add(unique)
+  return unique
+
+
+def png_size(path: str) -> tuple[int, int] | None:
+  """(width, height) from a PNG's header, or None for other or unreadable files."""
+  try:
+    with open(path, "rb") as f:
+      header = f.read(24)
+  except OSError:
+    return None
+  if len(header) < 24 or header[:8] != b"\x89PNG\r\n\x1a\n":
+    return None
+  return struct.unpack(">II", header[16:24])
+
+
+def _markdown_cell(value) -> str:
+  # A "|" inside a cell would end it; a newline would end the row.
+  return str(value).replace("|", "\\|").replace("\n", " ")
+
 
 class Report:
-  """Markdown and HTML built side by side from headings, paragraphs, tables and figures."""
+  """One report's content, rendered as Markdown and HTML by ``write``."""
 
   def __init__(self, title: str, workdir: str):
     self.workdir = workdir
-    self.markdown = [f"# {title}", ""]
-    self.html = [f"<h1>{html.escape(title)}</h1>"]
+    self.title = title
+    self._blocks: list[tuple[str, object]] = []  # (kind, payload)
 
-  def heading(self, text: str, level: int = 2):
-    """A heading; level 2 is a section."""
-    self.markdown += ["#" * level + " " + text, ""]
-    self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+  def heading(self, text: str, level: int = 2, about: str | None = None):
+    """A heading (level 2 is a section, listed in the contents); ``about``: one
+    sentence saying what the section shows, printed under it."""
+    self._blocks.append(("heading", (text, level)))
+    if about:
+      self._blocks.append(("about", about))
 
   def paragraph(self, text: str):
-    """A paragraph of plain text."""
-    self.markdown += [text, ""]
-    self.html.append(f"<p>{html.escape(text)}</p>")
+    """A paragraph; Markdown emphasis and code in it are rendered."""
+    self._blocks.append(("markdown", text))
 
   def table(self, header, rows):
     """A table: ``header`` names the columns, each row holds one value per column."""
-    self.markdown.append("| " + " | ".join(map(str, header)) + " |")
-    self.markdown.append("|" + "---|" * len(header))
-    for row in rows:
-      self.markdown.append("| " + " | ".join(map(str, row)) + " |")
-    self.markdown.append("")
-    cells = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
-                   for row in rows)
-    self.html.append(f"<table><tr>{cells}</tr>{body}</table>")
+    lines = ["| " + " | ".join(_markdown_cell(h) for h in header) + " |",
+             "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_markdown_cell(c) for c in row) + " |" for row in rows]
+    self._blocks.append(("markdown", "\n".join(lines)))
 
   def markdown_block(self, text: str):
-    """Markdown produced elsewhere (e.g. a table); shown preformatted in the HTML."""
-    self.markdown += [text.rstrip(), ""]
-    self.html.append(f"<pre>{html.escape(text)}</pre>")
+    """Markdown produced elsewhere (tables, lists), rendered as such in the HTML."""
+    self._blocks.append(("markdown", text.rstrip()))
 
   def figure(self, path: str, caption: str):
     """An image file (linked relative to the workdir) with its caption."""
-    caption = caption.replace("\n", "; ")
-    rel = os.path.relpath(path, self.workdir)
-    self.markdown += [f"![{caption}]({rel})", "", f"*{caption}*", ""]
-    self.html.append(f'<figure><a href="{html.escape(rel)}"><img src="{html.escape(rel)}" '
-                     f'width="320"></a><figcaption>{html.escape(caption)}</figcaption></figure>')
+    self._blocks.append(("figure", (path, caption.replace("\n", "; "))))
+
+  def markdown(self) -> str:
+    """The report as Markdown."""
+    out = [f"# {self.title}", ""]
+    for kind, payload in self._blocks:
+      if kind == "heading":
+        text, level = payload
+        out += ["#" * level + " " + text, ""]
+      elif kind == "about":
+        out += [f"*{payload}*", ""]
+      elif kind == "markdown":
+        out += [payload, ""]
+      else:
+        path, caption = payload
+        rel = os.path.relpath(path, self.workdir)
+        out += [f"![{caption}]({rel})", "", f"*{caption}*", ""]
+    return "\n".join(out)
+
+  def html(self) -> str:
+    """The report as one HTML page (see the module docstring)."""
+    converter = markdown.Markdown(extensions=["tables", "sane_lists"])
+    taken: set = set()
+    contents, body = [], []
+    for kind, payload in self._blocks:
+      if kind == "heading":
+        text, level = payload
+        anchor = _slug(text, taken)
+        if level == 2:
+          contents.append(f'<li><a href="#{anchor}">{html.escape(text)}</a></li>')
+        body.append(f'<h{level} id="{anchor}">{html.escape(text)}</h{level}>')
+      elif kind == "about":
+        body.append(f'<p class="about">{html.escape(payload)}</p>')
+      elif kind == "markdown":
+        body.append(converter.reset().convert(payload))
+      else:
+        body.append(self._figure_html(*payload))
+    nav = f"<nav><b>Contents</b><ul>{''.join(contents)}</ul></nav>" if contents else ""
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(self.title)}</title><style>{_STYLE}</style></head><body>"
+            f"<h1>{html.escape(self.title)}</h1>{nav}\n" + "\n".join(body) + "\n</body></html>\n")
+
+  def _figure_html(self, path: str, caption: str) -> str:
+    rel = html.escape(os.path.relpath(path, self.workdir))
+    size = png_size(path)
+    wide = size is not None and size[0] >= _WIDE_ASPECT * size[1]
+    width = f' width="{size[0]}"' if size else ""
+    return (f'<figure class="{"wide" if wide else "figure"}"><a href="{rel}">'
+            f'<img src="{rel}"{width} alt="{html.escape(caption)}"></a>'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
   def write(self) -> dict:
     """Writes report.md and report.html in the workdir; returns their paths."""
     md_path = os.path.join(self.workdir, "report.md")
     html_path = os.path.join(self.workdir, "report.html")
-    files.atomic_write_text(md_path, "\n".join(self.markdown) + "\n")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}"
-             "table{border-collapse:collapse}td,th{border:1px solid #999999;padding:2px 6px}"
-             "figure{display:inline-block;margin:6px}figcaption{max-width:320px;font-size:small}")
-    document = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>drig analysis</title>"
-                f"<style>{style}</style></head><body>" + "\n".join(self.html) + "</body></html>\n")
-    files.atomic_write_text(html_path, document)
+    files.atomic_write_text(md_path, self.markdown() + "\n")
+    files.atomic_write_text(html_path, self.html())
     return {"markdown": md_path, "html": html_path}

@@ -32,7 +32,8 @@ QUANTITY_KEYS = ("pixel_ig.{q}", "pixel_ig.{q}.scale", "pixel_gap.{q}", "layer_c
                  "top_negative.{q}", "top_negative_scores.{q}", "positive_resultant.{q}",
                  "positive_resultant.{q}.scale", "negative_resultant.{q}",
                  "negative_resultant.{q}.scale", "region_gaps.{q}", "gradient.{q}",
-                 "gradient.{q}.scale")
+                 "gradient.{q}.scale", "pixel_relative_gap.{q}", "pixel_steps.{q}",
+                 "pixel_converged.{q}", "layer_steps.{q}", "layer_converged.{q}")
 
 
 class ShardReadError(AnalysisError):
@@ -77,9 +78,25 @@ def decode_map(shard: dict, key: str) -> np.ndarray:
   return values * scale.reshape((-1,) + (1,) * (values.ndim - 1))
 
 
-def expected_keys(quantity_keys: Iterable[str]) -> tuple[str, ...]:
-  """The keys a shard of quantities ``quantity_keys`` (e.g. "predicted", "grade_4") holds."""
-  return BASE_KEYS + tuple(k.format(q=q) for q in quantity_keys for k in QUANTITY_KEYS)
+# Keys every shard has per quantity key q and attribution method m of config.methods
+# other than integrated_gradients (whose map is pixel_ig.{q}).
+METHOD_KEYS = ("map.{m}.{q}", "map.{m}.{q}.scale")
+
+
+def method_map_key(method: str, quantity_key: str) -> str:
+  """The shard key of method ``method``'s maps for quantity ``quantity_key``."""
+  if method == "integrated_gradients":
+    return f"pixel_ig.{quantity_key}"
+  return METHOD_KEYS[0].format(m=method, q=quantity_key)
+
+
+def expected_keys(quantity_keys: Iterable[str], methods: Iterable[str] = ()) -> tuple[str, ...]:
+  """The keys a shard of quantities ``quantity_keys`` (e.g. "predicted", "grade_4") and
+  attribution ``methods`` (config.methods) holds."""
+  quantity_keys = tuple(quantity_keys)
+  extra = [m for m in methods if m != "integrated_gradients"]
+  return (BASE_KEYS + tuple(k.format(q=q) for q in quantity_keys for k in QUANTITY_KEYS)
+          + tuple(k.format(m=m, q=q) for q in quantity_keys for m in extra for k in METHOD_KEYS))
 
 
 def shard_problem(path: str, keys: Iterable[str] = BASE_KEYS) -> Optional[str]:

@@ -23,7 +23,9 @@ import ml_collections
 from drig import grading
 from drig.analysis.errors import AnalysisError
 from drig.analysis.quantity_specs import parse_quantity
+from drig.attribution import baselines as baselines_lib
 from drig.attribution import integration as ig_lib
+from drig.attribution import methods as methods_lib
 from drig.attribution import layer as layer_lib
 from drig.models import classifier
 from drig.models import initialization
@@ -32,6 +34,8 @@ STORAGE_DTYPES = ("float16", "float32")
 NEURONS = ("unit", "channel")
 RANDOMISATION_SCOPES = ("all", "head")
 COUNTERFACTUAL_BUDGETS = ("l2", "coefficient")
+COUNTERFACTUAL_QUANTITIES = ("probability", "logit")
+LINEARITY_QUANTITIES = ("logit", "probability")
 
 
 def _bad(field: str, value, allowed: str) -> AnalysisError:
@@ -88,15 +92,45 @@ def _sequence(config, field: str):
   return value
 
 
+def _check_methods(config) -> None:
+  """config.methods (registered, each once, no baseline distribution) and config.baseline."""
+  names = _sequence(config, "methods")
+  for name in names:
+    if name not in methods_lib.METHOD_NAMES:
+      raise _bad("methods", tuple(names),
+                 f"names from {methods_lib.METHOD_NAMES}; {name!r} is not one")
+    if methods_lib.METHODS[name].distribution:
+      raise _bad("methods", tuple(names),
+                 f"{name!r} averages over a distribution of baselines, which the analysis job "
+                 "does not draw; call drig.attribution.attribute with a BaselineDistribution")
+  if len(set(names)) < len(names):
+    raise _bad("methods", tuple(names), "each method once")
+  baseline = config.baseline
+  if not isinstance(baseline, str):
+    raise _bad("baseline", baseline, f"a name: one of {baselines_lib.BASELINE_NAMES}")
+  try:
+    baselines_lib.parse_baseline_name(baseline)
+  except ig_lib.AttributionArgumentError as e:
+    raise _bad("baseline", baseline, str(e)) from e
+
+
 def _check_attribution(config) -> None:
   method = _one_of(config, "method", ig_lib.METHODS)
   _int_at_least(config, "steps", 2 if method == "trapezoid" else 1)
+  tolerance = config.tolerance
+  if not _is_number(tolerance) or tolerance < 0:
+    raise _bad("tolerance", tolerance, "a finite number >= 0 (0: fixed config.steps; > 0: the "
+               "relative completeness gap each image's IG must meet)")
+  if tolerance >= 1:
+    raise _bad("tolerance", tolerance, "below 1 (a relative gap of 100% or more accepts any map)")
+  _int_at_least(config, "max_steps", 2)
   _int_at_least(config, "chunk_size", 0)
   _int_at_least(config, "batch_groups", 0)
   _int_at_least(config, "top_k", 1)
   _one_of(config, "neurons", NEURONS)
   _int_at_least(config, "shard_size", 1)
   _one_of(config, "storage_dtype", STORAGE_DTYPES)
+  _check_methods(config)
   keys = []
   for spec in _sequence(config, "quantities"):
     try:
@@ -159,10 +193,15 @@ def _check_experiments(config) -> None:
   cs = _sequence(config, "counterfactuals.cs")
   if not all(_is_number(c) and c > 0 for c in cs):
     raise _bad("counterfactuals.cs", tuple(cs), "finite numbers > 0")
+  _one_of(config, "counterfactuals.quantity", COUNTERFACTUAL_QUANTITIES)
   _int_at_least(config, "linearity.num_images", 0)
   _positive_number(config, "linearity.start")
   _positive_number(config, "linearity.factor")
   _int_at_least(config, "linearity.count", 2)
+  _one_of(config, "linearity.quantity", LINEARITY_QUANTITIES)
+  threshold = config.linearity.threshold
+  if not _is_number(threshold) or not 0 < threshold <= 1:
+    raise _bad("linearity.threshold", threshold, "a number in (0, 1]")
   _sequence(config, "linearity.layers")
 
 

@@ -1,7 +1,11 @@
-"""Green/red heat maps of attributions, as the poster draws them.
+"""Signed heat maps of attributions: the poster's green/red, or a colour-blind-safe pair.
 
-Green is positive attribution, red negative, black (or the image, in an
-overlay) is none. Intensities are clipped at a high percentile of the absolute
+In the poster's palette green is positive attribution, red negative, black (or
+the image, in an overlay) is none. Red and green are the pair that people with
+the commonest colour-vision deficiencies (about 1 man in 12) cannot tell apart,
+so every function also takes ``palette="colorblind"``: Okabe and Ito's blue for
+positive and orange for negative, distinguishable in deuteranopia, protanopia
+and tritanopia, through the same black. Intensities are clipped at a high percentile of the absolute
 values so that a few extreme pixels do not wash out the rest. Everything is
 numpy; matplotlib is imported only by the plotting helpers.
 
@@ -19,6 +23,21 @@ import numpy as np
 DEFAULT_PERCENTILE = 99.0
 GREEN = np.array([0.0, 1.0, 0.0])
 RED = np.array([1.0, 0.0, 0.0])
+# Okabe & Ito (2008), "Color Universal Design": blue and orange.
+BLUE = np.array([0.0, 0.447, 0.698])
+ORANGE = np.array([0.902, 0.624, 0.0])
+
+# Palette name -> (colour of positive, colour of negative attribution).
+PALETTES = {"poster": (GREEN, RED), "colorblind": (BLUE, ORANGE)}
+DEFAULT_PALETTE = "poster"
+
+
+def palette_colors(palette: str = DEFAULT_PALETTE) -> tuple[np.ndarray, np.ndarray]:
+  """(positive, negative) RGB colours of a palette name (see PALETTES)."""
+  try:
+    return PALETTES[palette]
+  except (KeyError, TypeError):
+    raise ValueError(f"unknown palette {palette!r}; use one of {sorted(PALETTES)}") from None
 
 
 def pixel_map(attributions, channel_axis: int = -1) -> np.ndarray:
@@ -43,7 +62,7 @@ def clip_value(values, percentile: float = DEFAULT_PERCENTILE) -> float:
 
 
 def green_red(values, percentile: float = DEFAULT_PERCENTILE,
-              clip: float | None = None) -> np.ndarray:
+              clip: float | None = None, palette: str = DEFAULT_PALETTE) -> np.ndarray:
   """Maps [H, W] values to RGB [H, W, 3] in [0, 1]: pure green > 0, pure red < 0.
 
   Args:
@@ -51,6 +70,7 @@ def green_red(values, percentile: float = DEFAULT_PERCENTILE,
     percentile: |values| at this percentile (of nonzero ones) is full intensity.
     clip: the full-intensity magnitude; overrides percentile (use one clip for
       maps that must be compared, e.g. a positive and a negative resultant map).
+    palette: "poster" (green/red) or "colorblind" (blue/orange), see PALETTES.
 
   Returns:
     float32 [H, W, 3].
@@ -61,8 +81,9 @@ def green_red(values, percentile: float = DEFAULT_PERCENTILE,
   clip = clip_value(values, percentile) if clip is None else float(clip)
   if clip <= 0:
     raise ValueError(f"clip must be positive, got {clip}")
+  positive, negative = palette_colors(palette)
   intensity = np.clip(np.abs(values) / clip, 0.0, 1.0)[..., None]
-  color = np.where((values > 0)[..., None], GREEN, RED)
+  color = np.where((values > 0)[..., None], positive, negative)
   return (intensity * color).astype(np.float32)
 
 
@@ -82,20 +103,20 @@ def _as_unit_rgb(image) -> np.ndarray:
 
 
 def overlay(image, values, percentile: float = DEFAULT_PERCENTILE, clip: float | None = None,
-            dim: float = 0.5) -> np.ndarray:
-  """Paints the green/red map over a dimmed grayscale copy of `image`.
+            dim: float = 0.5, palette: str = DEFAULT_PALETTE) -> np.ndarray:
+  """Paints the signed map over a dimmed grayscale copy of `image`.
 
   Args:
     image: [H, W, 3] or [H, W]; uint8 [0, 255], or float in [0, 1], [0, 255]
       or the model's [-1, 1].
     values: the [H, W] attribution map.
-    percentile, clip: as for green_red.
+    percentile, clip, palette: as for green_red.
     dim: the brightness of the background image (0 = black, 1 = unchanged).
 
   Returns:
     float32 RGB [H, W, 3] in [0, 1].
   """
-  rgb = green_red(values, percentile, clip)
+  rgb = green_red(values, percentile, clip, palette)
   base = _as_unit_rgb(image)
   if base.shape[:2] != rgb.shape[:2]:
     raise ValueError(f"image {base.shape[:2]} and map {rgb.shape[:2]} differ in size")
@@ -104,21 +125,24 @@ def overlay(image, values, percentile: float = DEFAULT_PERCENTILE, clip: float |
   return np.clip(gray * (1.0 - strength) + rgb, 0.0, 1.0).astype(np.float32)
 
 
-def colormap():
-  """A matplotlib colormap from pure red (-clip) through black (0) to pure green (+clip)."""
+def colormap(palette: str = DEFAULT_PALETTE):
+  """A matplotlib colormap from the negative colour (-clip) through black (0) to the positive."""
   from matplotlib import colors  # pylint: disable=g-import-not-at-top
-  return colors.LinearSegmentedColormap.from_list("drig_red_green", [RED, (0, 0, 0), GREEN])
+  positive, negative = palette_colors(palette)
+  return colors.LinearSegmentedColormap.from_list(f"drig_{palette}",
+                                                  [negative, (0, 0, 0), positive])
 
 
-def add_colorbar(ax, clip: float, label: str = "attribution"):
-  """Adds a red-black-green colour bar for [-clip, clip] beside `ax`; returns it."""
+def add_colorbar(ax, clip: float, label: str = "attribution", palette: str = DEFAULT_PALETTE):
+  """Adds a colour bar for [-clip, clip] in the palette's colours beside `ax`; returns it."""
   from matplotlib import cm, colors  # pylint: disable=g-import-not-at-top
-  mappable = cm.ScalarMappable(norm=colors.Normalize(-clip, clip), cmap=colormap())
+  mappable = cm.ScalarMappable(norm=colors.Normalize(-clip, clip), cmap=colormap(palette))
   return ax.figure.colorbar(mappable, ax=ax, label=label)
 
 
 def show(ax, attributions, image=None, percentile: float = DEFAULT_PERCENTILE,
-         clip: float | None = None, colorbar: bool = True, title: str | None = None) -> float:
+         clip: float | None = None, colorbar: bool = True, title: str | None = None,
+         palette: str = DEFAULT_PALETTE) -> float:
   """Draws one image's attributions (alone, or over `image`) on a matplotlib axis.
 
   Args:
@@ -128,17 +152,19 @@ def show(ax, attributions, image=None, percentile: float = DEFAULT_PERCENTILE,
     percentile, clip: as for green_red.
     colorbar: whether to add a colour bar.
     title: an optional axis title.
+    palette: as for green_red.
 
   Returns:
     The clip value used (full intensity), to reuse for comparable maps.
   """
   values = pixel_map(attributions)
   clip = clip_value(values, percentile) if clip is None else float(clip)
-  rgb = green_red(values, clip=clip) if image is None else overlay(image, values, clip=clip)
+  rgb = (green_red(values, clip=clip, palette=palette) if image is None
+         else overlay(image, values, clip=clip, palette=palette))
   ax.imshow(rgb, interpolation="nearest")
   ax.set_axis_off()
   if title:
     ax.set_title(title)
   if colorbar:
-    add_colorbar(ax, clip)
+    add_colorbar(ax, clip, palette=palette)
   return clip

@@ -61,6 +61,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from drig import grading
+from drig.attribution import adaptive
+from drig.attribution.adaptive import AdaptiveAttribution
 
 # Half gray (drig.grading.HALF_GRAY) in each input space a model may use.
 HALF_GRAY_PIXEL = float(grading.HALF_GRAY)
@@ -124,6 +126,32 @@ def half_gray_baseline(x, space: str = "model") -> jax.Array:
   if not jnp.issubdtype(dtype, jnp.floating):
     dtype = jnp.float32
   return jnp.full(shape, _HALF_GRAY[space], dtype)
+
+
+def check_integration_arguments(steps, tolerance, max_steps) -> None:
+  """Validates steps (a positive int or "auto"), tolerance and max_steps.
+
+  Raises:
+    AttributionArgumentError: steps is neither an int nor "auto", tolerance is
+      not a finite number > 0, or max_steps is not an int >= 2 (an error-controlled
+      integration evaluates both ends of the path).
+  """
+  if isinstance(steps, str):
+    if not adaptive.is_auto(steps):
+      raise AttributionArgumentError(
+          f"steps must be a positive int or {adaptive.AUTO!r} (error-controlled), got {steps!r}")
+  else:
+    check_positive_int(steps)
+  if (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float, np.number))
+      or not math.isfinite(tolerance) or tolerance <= 0):
+    raise AttributionArgumentError(
+        f"tolerance must be a finite number > 0 (the relative completeness gap), "
+        f"got {tolerance!r}")
+  if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) \
+      or max_steps < 2:
+    raise AttributionArgumentError(
+        f"max_steps must be an int >= 2 (both ends of the path are evaluated), "
+        f"got {max_steps!r}")
 
 
 def check_positive_int(steps, name="steps", minimum=1):
@@ -606,10 +634,23 @@ def _finish_pixel(operands, x, baseline, integral):
   return attributions, gap
 
 
-def integrated_gradients(f: Callable, x, baseline, *, steps: int = 50,
-                         method: str = "riemann_right",
-                         chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+def integrated_gradients(f: Callable, x, baseline, *, steps: int | str = 50,
+                         method: str = "riemann_right", chunk_size: int | None = None,
+                         tolerance: float = adaptive.DEFAULT_TOLERANCE,
+                         max_steps: int = adaptive.DEFAULT_MAX_STEPS
+                         ) -> tuple[jax.Array, jax.Array] | AdaptiveAttribution:
   """Integrated gradients of a scalar quantity with respect to its inputs.
+
+  Two modes, with two return types:
+
+  * ``steps=n`` (an int, the default 50): the fixed rule ``method`` with n nodes;
+    returns the 2-tuple (attributions, gap).
+  * ``steps="auto"``: error-controlled integration (drig.attribution.adaptive):
+    each image is refined, where its integrand changes, until its relative
+    completeness gap is within ``tolerance`` (with an absolute floor where
+    f(x) - f(baseline) is tiny) or it has used ``max_steps`` evaluations; returns
+    an AdaptiveAttribution(attributions, gap, steps, converged). ``method`` is
+    not used (the rule is the trapezoid rule on the refined nodes).
 
   Args:
     f: maps a batch [N, ...] to [N], the quantity of interest per image (e.g.
@@ -618,35 +659,79 @@ def integrated_gradients(f: Callable, x, baseline, *, steps: int = 50,
     x: the inputs, a floating batch [N, ...].
     baseline: broadcasts to x, e.g. `half_gray_baseline(x)` (half gray in the
       model's [-1, 1] input space is 128/127.5 - 1 = 0.00392, not 0).
-    steps: the number of quadrature nodes (>= 1; >= 2 for "trapezoid").
+    steps: the number of quadrature nodes (>= 1; >= 2 for "trapezoid"), or
+      "auto".
     method: one of "riemann_left", "riemann_right" (the poster's sum over
       k = 1..m), "riemann_middle", "trapezoid", "gausslegendre".
-    chunk_size: steps evaluated per model call (the model sees N * chunk_size
-      points at once); bounds memory whatever `steps` is. None picks a size
-      with about DEFAULT_POINTS_PER_CALL points per call and the least padding
-      (`default_chunk_size`).
+    chunk_size: fixed steps: steps evaluated per model call (the model sees
+      N * chunk_size points at once); bounds memory whatever `steps` is. None
+      picks a size with about DEFAULT_POINTS_PER_CALL points per call and the
+      least padding (`default_chunk_size`). With "auto": path points per model
+      call, across images (None: `default_points_per_call()`).
+    tolerance: with "auto", the relative completeness gap each image must meet
+      (> 0; 0.01 is 1% of f(x) - f(baseline)).
+    max_steps: with "auto", the most model evaluations per image (>= 2). The
+      gradients at every node are kept: N x max_steps x (one image) float32 at most.
 
   Returns:
-    (attributions, gap): float32 [N, ...] attributions, and float32 [N] the
-    completeness gap sum(attributions) - (f(x) - f(baseline)) per image.
+    Fixed steps: (attributions, gap): float32 [N, ...] attributions, and float32
+    [N] the completeness gap sum(attributions) - (f(x) - f(baseline)) per image.
+    "auto": an AdaptiveAttribution with those two and steps (int32 [N], model
+    evaluations per image) and converged (bool [N], False where max_steps was
+    reached first).
 
   Raises:
     AttributionArgumentError: bad arguments, e.g. an empty batch, a baseline that
-      does not broadcast to x, or NaN or infinite values in x or the baseline
-      (naming the images). Values are checked only when x and the baseline are
+      does not broadcast to x, NaN or infinite values in x or the baseline
+      (naming the images), steps neither an int nor "auto", tolerance <= 0 or
+      max_steps < 2. Values are checked only when x and the baseline are
       concrete: inside a ``jax.jit`` trace the caller must check them (NaN inputs
-      give NaN attributions and gaps).
+      give NaN attributions and gaps). "auto" cannot run inside a trace (it
+      decides on the host where to refine).
   """
   return _integrated_gradients(f, x, baseline, steps=steps, method=method,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, tolerance=tolerance, max_steps=max_steps)
 
 
 def _integrated_gradients(f, x, baseline, *, steps, method, chunk_size, loop=None,
-                          groups=None, names=("x", "baseline")):
+                          groups=None, names=("x", "baseline"),
+                          tolerance=adaptive.DEFAULT_TOLERANCE,
+                          max_steps=adaptive.DEFAULT_MAX_STEPS):
+  check_integration_arguments(steps, tolerance, max_steps)
   x = as_batch(x, names[0])
   baseline = check_baseline(baseline, x, name=names[1], x_name=names[0])
+  if adaptive.is_auto(steps):
+    quadrature(method, 2)  # a known method name, though "auto" does not use it
+    check_scalar_fn(f, x)
+    return adaptive_integrated_gradients(f, x, baseline, tolerance=tolerance,
+                                         max_steps=max_steps, chunk_size=chunk_size,
+                                         groups=groups)
   alphas, weights = quadrature(method, steps)
   check_scalar_fn(f, x)
   integral = path_sum(_input_gradient, f, baseline, x, alphas, weights,
                       chunk_size=chunk_size, loop=loop, groups=groups)
   return _finish_pixel(Operands(f), x, baseline, integral)
+
+
+def adaptive_points_per_call(chunk_size: int | None) -> int:
+  """Path points per model call of an error-controlled integration (checked)."""
+  if chunk_size is None:
+    return default_points_per_call()
+  check_positive_int(chunk_size, name="chunk_size")
+  return int(chunk_size)
+
+
+def adaptive_integrated_gradients(f: Callable, x: jax.Array, baseline: jax.Array, *,
+                                  tolerance: float, max_steps: int,
+                                  chunk_size: int | None = None,
+                                  groups: int | None = None) -> AdaptiveAttribution:
+  """Pixel IG with error control, for checked x and baseline (`integrated_gradients`)."""
+  groups = default_groups_per_call() if groups is None else groups
+  check_positive_int(groups, name="groups")
+  result = adaptive.adaptive_path_integral(
+      adaptive.scalar_value_and_gradient, Operands(f), baseline, x, num_readouts=1,
+      tolerance=tolerance, max_steps=max_steps,
+      points_per_call=adaptive_points_per_call(chunk_size), groups=groups)
+  attributions, gaps = adaptive.finish(x, baseline, result.integral, result.change)
+  return AdaptiveAttribution(attributions[:, 0], gaps[:, 0], jnp.asarray(result.steps),
+                             jnp.asarray(result.converged))

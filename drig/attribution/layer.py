@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drig.attribution import adaptive
 from drig.attribution.integration import (AttributionArgumentError, Operands,
                                                     accumulation_dtype, as_batch,
                                                     check_baseline, check_finite,
@@ -68,12 +69,18 @@ class LayerAttribution(NamedTuple):
     gap: float32 [N], sum(units) - (q(x) - q(baseline)).
     activations: the instance's activations [N, *layer_shape].
     baseline_activations: the baseline's activations, [1 or N, *layer_shape].
+    steps: with steps="auto", int32 [N] evaluations of from_layer per image
+      (else None).
+    converged: with steps="auto", bool [N], whether the image met the
+      tolerance (else None).
   """
   units: jax.Array
   channels: jax.Array
   gap: jax.Array
   activations: jax.Array
   baseline_activations: jax.Array
+  steps: jax.Array | None = None
+  converged: jax.Array | None = None
 
 
 def per_channel(units: jax.Array, channel_axis: int = -1) -> jax.Array:
@@ -107,9 +114,11 @@ def layer_activations(to_layer: Callable, x, baseline) -> tuple[jax.Array, jax.A
 
 
 def layer_integrated_gradients(to_layer: Callable, from_layer: Callable, x, baseline, *,
-                               steps: int = 50, method: str = "riemann_right",
+                               steps: int | str = 50, method: str = "riemann_right",
                                chunk_size: int | None = None,
-                               channel_axis: int = -1) -> LayerAttribution:
+                               channel_axis: int = -1,
+                               tolerance: float = adaptive.DEFAULT_TOLERANCE,
+                               max_steps: int = adaptive.DEFAULT_MAX_STEPS) -> LayerAttribution:
   """The poster's layer IG: the straight path in activation space, through from_layer only.
 
   Args:
@@ -117,11 +126,14 @@ def layer_integrated_gradients(to_layer: Callable, from_layer: Callable, x, base
     from_layer: activations [N, ...] -> quantity [N] (e.g. a quantity helper
       wrapped around the layer-to-logits function).
     x: the inputs [N, ...]; baseline broadcasts to x (e.g. half_gray_baseline(x)).
-    steps, method, chunk_size: as for `integrated_gradients`.
+    steps, method, chunk_size, tolerance, max_steps: as for
+      `integrated_gradients`; with steps="auto" the error control runs on the
+      activation path (F = from_layer; the kept gradients are activation-sized).
     channel_axis: the activations' channel axis (channels-last by default).
 
   Returns:
-    A LayerAttribution; gap is sum(units) - (q(x) - q(baseline)).
+    A LayerAttribution; gap is sum(units) - (q(x) - q(baseline)); with
+    steps="auto" also steps and converged per image.
   """
   activations, baseline_activations = layer_activations(to_layer, x, baseline)
   # Finite inputs can still give non-finite activations: blame to_layer, not x.
@@ -129,10 +141,14 @@ def layer_integrated_gradients(to_layer: Callable, from_layer: Callable, x, base
   check_finite(baseline_activations, "to_layer(baseline)",
                per_image=not _single_baseline(baseline_activations))
   check_scalar_fn(from_layer, activations, name="from_layer")
-  units, gap = integrated_gradients(from_layer, activations, baseline_activations,
-                                       steps=steps, method=method, chunk_size=chunk_size)
+  result = integrated_gradients(from_layer, activations, baseline_activations, steps=steps,
+                                method=method, chunk_size=chunk_size, tolerance=tolerance,
+                                max_steps=max_steps)
+  units, gap = result[:2]
+  steps_used, converged = (result.steps, result.converged) if adaptive.is_auto(steps) else \
+      (None, None)
   return LayerAttribution(units, per_channel(units, channel_axis), gap, activations,
-                          baseline_activations)
+                          baseline_activations, steps_used, converged)
 
 
 def _conductance_jvp(operands, points, deltas):
@@ -178,6 +194,12 @@ def layer_conductance(to_layer: Callable, from_layer: Callable, x, baseline, *,
     A LayerAttribution; gap is sum(units) - (q(x) - q(baseline)), with
     q = from_layer(to_layer(.)).
   """
+  if adaptive.is_auto(steps):
+    # Its integrand is not the gradient of one scalar along the path per unit
+    # read-out, so the interval errors of drig.attribution.adaptive do not apply.
+    raise AttributionArgumentError(
+        "layer_conductance takes a fixed int steps, not 'auto'; use "
+        "layer_integrated_gradients for error-controlled layer attribution")
   if derivative not in ("jvp", "difference"):
     raise AttributionArgumentError(
         f"derivative must be 'jvp' or 'difference', got {derivative!r}")
@@ -265,7 +287,8 @@ def model_layer_integrated_gradients(model, variables, layer: str, quantity: Cal
     x, baseline: the inputs [N, ...] and a baseline broadcasting to them.
     conductance: False for the poster's activation-path IG, True for the
       input-path `layer_conductance`.
-    **kwargs: steps, method, chunk_size (and derivative for conductance).
+    **kwargs: steps, method, chunk_size (and derivative for conductance;
+      tolerance and max_steps with steps="auto", activation-path IG only).
 
   Returns:
     A LayerAttribution.

@@ -1,5 +1,7 @@
 """Active regions: which pixels drive an inner neuron, as the poster shows lesions.
 
+One concept: pixel integrated gradients of linear read-outs of a layer.
+
 The active region of a neuron (or channel) at layer L is the integrated gradient
 of its activation with respect to the input pixels, with the same half-gray
 baseline as the pixel attribution (Captum's ``NeuronIntegratedGradients``).
@@ -27,8 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drig.attribution import adaptive
 from drig.attribution.integration import (AttributionArgumentError, Operands,
                                           accumulation_dtype, as_batch, check_baseline,
+                                          check_integration_arguments,
+                                          default_groups_per_call,
                                           check_positive_int, check_scalar_fn,
                                           integrated_gradients, least_padding_chunk,
                                           path_sum, quadrature, cached_eval_shape,
@@ -41,6 +46,16 @@ from drig.attribution import receptive_field
 # 2-core CPU Inception's stem pulls back 21 cotangents fastest one path point
 # at a time (a working set that fits the caches), about 2x faster than 8.
 _PULLBACKS_PER_POINT_BUDGET = 4
+
+
+def _adaptive_points_per_call(chunk_size, num_readouts: int) -> int:
+  """Path points per call of an error-controlled read-out integration: the same
+  pull-back budget as `_readout_chunk`, shared by all images in the call."""
+  if chunk_size is not None:
+    check_positive_int(chunk_size, name="chunk_size")
+    return int(chunk_size)
+  budget = _PULLBACKS_PER_POINT_BUDGET * default_points_per_call()
+  return max(1, budget // num_readouts)
 
 
 def _readout_chunk(chunk_size, steps: int, num_images: int, num_readouts: int) -> int:
@@ -56,9 +71,14 @@ class ActiveRegions(NamedTuple):
   Attributes:
     regions: float32 [N, K, *x.shape[1:]].
     gap: float32 [N, K], sum(region) - (q_k(x) - q_k(baseline)).
+    steps: with steps="auto", int32 [N] evaluations of to_layer per image (else None).
+    converged: with steps="auto", bool [N]: every read-out of the image met the
+      tolerance (else None).
   """
   regions: jax.Array
   gap: jax.Array
+  steps: jax.Array | None = None
+  converged: jax.Array | None = None
 
 
 class TopK(NamedTuple):
@@ -150,6 +170,31 @@ def _pull_back(to_layer, points, cotangents):
   return grads
 
 
+def _readout_values_and_gradients(operands, points, rows):
+  """evaluate for drig.attribution.adaptive: the K read-outs [B, K] and their
+  gradients [B, K, ...x], one forward pass; rows pick each point's cotangents."""
+  to_layer, cotangents = operands
+  acc = accumulation_dtype(points)
+  activations, vjp = jax.vjp(to_layer, points)
+  cot = cotangents[rows].astype(activations.dtype)
+  values = jnp.sum(cot.astype(acc) * activations[:, None].astype(acc),
+                   axis=tuple(range(2, cot.ndim)))
+  (grads,) = jax.vmap(vjp, in_axes=1, out_axes=1)(cot)
+  return values, grads
+
+
+def _adaptive_readouts(evaluate, operands, x, baseline, num_readouts, *, tolerance,
+                       max_steps, chunk_size):
+  """(attributions [N, R, ...x], gaps [N, R], steps, converged) of R read-outs."""
+  result = adaptive.adaptive_path_integral(
+      evaluate, Operands(operands), baseline, x, num_readouts=num_readouts,
+      tolerance=tolerance, max_steps=max_steps,
+      points_per_call=_adaptive_points_per_call(chunk_size, num_readouts),
+      groups=default_groups_per_call())
+  attributions, gaps = adaptive.finish(x, baseline, result.integral, result.change)
+  return attributions, gaps, jnp.asarray(result.steps), jnp.asarray(result.converged)
+
+
 def _readout_gradients(operands, points, deltas):
   del deltas
   to_layer, cotangents = operands
@@ -181,9 +226,10 @@ def _check_cotangents(to_layer, x, cotangents):
   return cotangents
 
 
-def active_regions(to_layer: Callable, x, baseline, cotangents, *, steps: int = 50,
-                   method: str = "riemann_right",
-                   chunk_size: int | None = None) -> ActiveRegions:
+def active_regions(to_layer: Callable, x, baseline, cotangents, *, steps: int | str = 50,
+                   method: str = "riemann_right", chunk_size: int | None = None,
+                   tolerance: float = adaptive.DEFAULT_TOLERANCE,
+                   max_steps: int = adaptive.DEFAULT_MAX_STEPS) -> ActiveRegions:
   """Pixel IG of K linear read-outs of a layer, sharing the forward pass per step.
 
   Args:
@@ -194,13 +240,26 @@ def active_regions(to_layer: Callable, x, baseline, cotangents, *, steps: int = 
       channel_cotangents and combine_cotangents.
     steps, method, chunk_size: as for `integrated_gradients`; memory grows with
       K * chunk_size. None picks chunks of about 32 / K path points on CPU.
+      steps="auto": error-controlled (drig.attribution.adaptive), F_k = the
+      read-outs; an image converges when all K do; chunk_size is then path
+      points per call across images (None: about 32 / K). The gradients at
+      every node are kept: N x nodes x K x (one image) float32.
+    tolerance, max_steps: with steps="auto", as for `integrated_gradients`.
 
   Returns:
-    ActiveRegions: regions [N, K, ...x] and the completeness gap [N, K].
+    ActiveRegions: regions [N, K, ...x] and the completeness gap [N, K]; with
+    steps="auto" also steps and converged per image.
   """
+  check_integration_arguments(steps, tolerance, max_steps)
   x = as_batch(x)
   baseline = check_baseline(baseline, x)
   cotangents = _check_cotangents(to_layer, x, cotangents)
+  if adaptive.is_auto(steps):
+    quadrature(method, 2)  # a known method name, though "auto" does not use it
+    return ActiveRegions(*_adaptive_readouts(
+        _readout_values_and_gradients, (to_layer, cotangents), x, baseline,
+        cotangents.shape[1], tolerance=tolerance, max_steps=max_steps,
+        chunk_size=chunk_size))
   alphas, weights = quadrature(method, steps)
   operands = (to_layer, cotangents)
   chunk_size = _readout_chunk(chunk_size, steps, x.shape[0], cotangents.shape[1])
@@ -241,9 +300,10 @@ def _units_as_indices(units, layer_shape) -> np.ndarray:
   return np.ravel_multi_index(tuple(np.moveaxis(units, -1, 0)), tuple(layer_shape))
 
 
-def unit_active_regions(to_layer: Callable, x, baseline, units, *, steps: int = 50,
+def unit_active_regions(to_layer: Callable, x, baseline, units, *, steps: int | str = 50,
                         method: str = "riemann_right", chunk_size: int | None = None,
-                        crop: bool = True) -> ActiveRegions:
+                        crop: bool = True, tolerance: float = adaptive.DEFAULT_TOLERANCE,
+                        max_steps: int = adaptive.DEFAULT_MAX_STEPS) -> ActiveRegions:
   """Active regions of single units, each integrated on its receptive field only.
 
   Equal to `active_regions` with `unit_cotangents`, but every unit's
@@ -257,12 +317,15 @@ def unit_active_regions(to_layer: Callable, x, baseline, units, *, steps: int = 
     x, baseline: the inputs and the baseline (broadcasting to x).
     units: int [N, K, 3], (row, column, channel) of each unit per image; e.g.
       np.unravel_index of `select_top_k(layer.units, k)` indices.
-    steps, method, chunk_size: as for `active_regions`.
+    steps, method, chunk_size, tolerance, max_steps: as for `active_regions`
+      (with "auto" on crops, each unit's crop converges separately; steps is
+      then the sum over the image's K crops, converged whether all K did).
     crop: False forces whole-image integration (the reference).
 
   Returns:
     ActiveRegions: regions [N, K, H, W, C] (zero outside each crop) and gaps [N, K].
   """
+  check_integration_arguments(steps, tolerance, max_steps)
   x = as_batch(x)
   baseline = check_baseline(baseline, x)
   layer_shape = cached_eval_shape(_call_operands, Operands(to_layer), x).shape[1:]
@@ -272,12 +335,15 @@ def unit_active_regions(to_layer: Callable, x, baseline, units, *, steps: int = 
   plan = receptive_field.plan_unit_crops(to_layer, x, baseline, units) if crop else None
   if plan is None or not plan.exact.all():
     return active_regions(to_layer, x, baseline, unit_cotangents(layer_shape, flat),
-                          steps=steps, method=method, chunk_size=chunk_size)
+                          steps=steps, method=method, chunk_size=chunk_size,
+                          tolerance=tolerance, max_steps=max_steps)
   return _regions_on_crops(to_layer, x, baseline, plan, steps=steps, method=method,
-                           chunk_size=chunk_size)
+                           chunk_size=chunk_size, tolerance=tolerance, max_steps=max_steps)
 
 
-def _regions_on_crops(to_layer, x, baseline, plan, *, steps, method, chunk_size):
+def _regions_on_crops(to_layer, x, baseline, plan, *, steps, method, chunk_size,
+                      tolerance=adaptive.DEFAULT_TOLERANCE,
+                      max_steps=adaptive.DEFAULT_MAX_STEPS):
   n, k = plan.starts.shape[:2]
   crops = receptive_field.crop_windows(x, plan.starts, plan.size)
   full_baseline = jnp.broadcast_to(baseline, x.shape).astype(x.dtype)
@@ -286,10 +352,14 @@ def _regions_on_crops(to_layer, x, baseline, plan, *, steps, method, chunk_size)
   crop_flat = _units_as_indices(plan.units.reshape(n * k, 1, 3), crop_layer)
   result = active_regions(to_layer, crops, baseline_crops,
                           unit_cotangents(crop_layer, crop_flat), steps=steps, method=method,
-                          chunk_size=chunk_size)
+                          chunk_size=chunk_size, tolerance=tolerance, max_steps=max_steps)
   regions = result.regions.reshape((n, k) + result.regions.shape[2:])
   regions = receptive_field.paste_windows(regions, plan.starts, x.shape[1:])
-  return ActiveRegions(regions, result.gap.reshape(n, k))
+  if result.steps is None:
+    return ActiveRegions(regions, result.gap.reshape(n, k))
+  return ActiveRegions(regions, result.gap.reshape(n, k),
+                       jnp.sum(result.steps.reshape(n, k), axis=1, dtype=jnp.int32),
+                       jnp.all(result.converged.reshape(n, k), axis=1))
 
 
 # ------------------------------------------------------------------------------
@@ -310,6 +380,10 @@ class LesionAnalysis(NamedTuple):
       of the positive (negative) selection's regions, weights = their layer
       attributions where of the right sign, else 0.
     region_gaps: float32 [N, R], the completeness gap of every read-out.
+    steps: with steps="auto", int32 [N] evaluations of the pixel and read-out
+      pass per image (the layer pass's are layer.steps); else None.
+    converged: with steps="auto", bool [N]: the pixel quantity and every
+      read-out met the tolerance (the layer pass's flag is layer.converged).
   """
   pixels: jax.Array
   pixel_gap: jax.Array
@@ -320,6 +394,24 @@ class LesionAnalysis(NamedTuple):
   positive_resultant: jax.Array
   negative_resultant: jax.Array
   region_gaps: jax.Array
+  steps: jax.Array | None = None
+  converged: jax.Array | None = None
+
+
+def _pixels_and_readouts_values(operands, points, rows):
+  """evaluate for drig.attribution.adaptive: q and the read-outs [B, 1 + K] and
+  their pixel gradients [B, 1 + K, ...x], from one forward pass of to_layer."""
+  to_layer, from_layer, cotangents = operands
+  acc = accumulation_dtype(points)
+  activations, vjp = jax.vjp(to_layer, points)
+  quantity, quantity_vjp = jax.vjp(lambda a: from_layer(a).astype(acc), activations)
+  (quantity_cot,) = quantity_vjp(jnp.ones_like(quantity))
+  cot = cotangents[rows].astype(activations.dtype)
+  readouts = jnp.sum(cot.astype(acc) * activations[:, None].astype(acc),
+                     axis=tuple(range(2, cot.ndim)))
+  cot = jnp.concatenate([quantity_cot[:, None].astype(activations.dtype), cot], axis=1)
+  (grads,) = jax.vmap(vjp, in_axes=1, out_axes=1)(cot)
+  return jnp.concatenate([quantity[:, None], readouts], axis=1), grads
 
 
 def _pixels_and_readouts(operands, points, deltas):
@@ -356,9 +448,11 @@ def _finish_analysis(operands, x, baseline, integral):
 
 
 def lesion_detection(to_layer: Callable, from_layer: Callable, x, baseline, *, k: int = 10,
-                     by: str = "channel", individual_regions: bool = True, steps: int = 50,
-                     method: str = "riemann_right", chunk_size: int | None = None,
-                     channel_axis: int = -1) -> LesionAnalysis:
+                     by: str = "channel", individual_regions: bool = True,
+                     steps: int | str = 50, method: str = "riemann_right",
+                     chunk_size: int | None = None, channel_axis: int = -1,
+                     tolerance: float = adaptive.DEFAULT_TOLERANCE,
+                     max_steps: int = adaptive.DEFAULT_MAX_STEPS) -> LesionAnalysis:
   """The poster's analysis of one batch: pixel IG, layer IG, top-k active regions.
 
   1. Layer IG at L along the activation path (`layer_integrated_gradients`).
@@ -379,17 +473,24 @@ def lesion_detection(to_layer: Callable, from_layer: Callable, x, baseline, *, k
     steps, method, chunk_size: as for `integrated_gradients` (both integrations;
       None picks each pass's default, see `active_regions`).
     channel_axis: the channel axis of the activations.
+    tolerance, max_steps: with steps="auto" (both passes error-controlled): the
+      layer pass as `layer_integrated_gradients`; in the pixel pass an image
+      converges when q's pixel IG and every read-out meet the tolerance, the
+      read-outs' completeness being cotangent . (to_layer(x) - to_layer(b)).
+      Units are then integrated on the whole image, not on crops.
 
   Returns:
     A LesionAnalysis.
   """
   if by not in ("channel", "unit"):
     raise AttributionArgumentError(f"by must be 'channel' or 'unit', got {by!r}")
+  check_integration_arguments(steps, tolerance, max_steps)
+  auto = adaptive.is_auto(steps)
   x = as_batch(x)
   baseline = check_baseline(baseline, x)
   layer = layer_lib.layer_integrated_gradients(
       to_layer, from_layer, x, baseline, steps=steps, method=method, chunk_size=chunk_size,
-      channel_axis=channel_axis)
+      channel_axis=channel_axis, tolerance=tolerance, max_steps=max_steps)
   layer_shape = layer.activations.shape[1:]
   if by == "channel":
     top = select_top_k(layer.channels, k)
@@ -399,7 +500,7 @@ def lesion_detection(to_layer: Callable, from_layer: Callable, x, baseline, *, k
     make = lambda idx: unit_cotangents(layer_shape, idx)
   weights = jnp.concatenate([jnp.maximum(top.positive_scores, 0),
                              jnp.minimum(top.negative_scores, 0)], axis=1)
-  if by == "unit" and x.ndim == 4 and len(layer_shape) == 3:
+  if by == "unit" and x.ndim == 4 and len(layer_shape) == 3 and not auto:
     units = np.stack(np.unravel_index(np.asarray(jnp.concatenate([top.positive, top.negative],
                                                                  axis=1)), layer_shape), -1)
     plan = receptive_field.plan_unit_crops(to_layer, x, baseline, units)
@@ -411,12 +512,18 @@ def lesion_detection(to_layer: Callable, from_layer: Callable, x, baseline, *, k
   if not individual_regions:
     cotangents = jnp.concatenate([combine_cotangents(cotangents[:, :k], weights[:, :k]),
                                   combine_cotangents(cotangents[:, k:], weights[:, k:])], axis=1)
-  alphas, rule_weights = quadrature(method, steps)
   operands = (to_layer, from_layer, cotangents)
-  integral = path_sum(_pixels_and_readouts, operands, baseline, x, alphas, rule_weights,
-                      chunk_size=_readout_chunk(chunk_size, steps, x.shape[0],
-                                                cotangents.shape[1] + 1))
-  attributions, gaps = _finish_analysis(Operands(operands), x, baseline, integral)
+  steps_used = converged = None
+  if auto:
+    attributions, gaps, steps_used, converged = _adaptive_readouts(
+        _pixels_and_readouts_values, operands, x, baseline, cotangents.shape[1] + 1,
+        tolerance=tolerance, max_steps=max_steps, chunk_size=chunk_size)
+  else:
+    alphas, rule_weights = quadrature(method, steps)
+    integral = path_sum(_pixels_and_readouts, operands, baseline, x, alphas, rule_weights,
+                        chunk_size=_readout_chunk(chunk_size, steps, x.shape[0],
+                                                  cotangents.shape[1] + 1))
+    attributions, gaps = _finish_analysis(Operands(operands), x, baseline, integral)
   pixels, regions = attributions[:, 0], attributions[:, 1:]
   if individual_regions:
     positive, negative = regions[:, :k], regions[:, k:]
@@ -427,7 +534,7 @@ def lesion_detection(to_layer: Callable, from_layer: Callable, x, baseline, *, k
     positive = negative = None
     positive_resultant, negative_resultant = regions[:, 0], regions[:, 1]
   return LesionAnalysis(pixels, gaps[:, 0], layer, top, positive, negative, positive_resultant,
-                        negative_resultant, gaps[:, 1:])
+                        negative_resultant, gaps[:, 1:], steps_used, converged)
 
 
 def _compose(to_layer, from_layer, x):

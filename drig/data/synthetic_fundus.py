@@ -959,8 +959,9 @@ def make_example(spec: ExampleSpec, split: str, index: int, grade: int, *,
   ``spec.jpeg_quality``; the model input ``image`` is ``drig.preprocess``'s
   ``preprocess_fundus`` of the decoded JPEG, and every mask goes through the
   same geometry (``find_retina`` on the decoded photograph, then
-  ``rescale_to_retina`` with nearest-neighbour interpolation) and is cleared
-  outside the field of view.
+  ``rescale_mask_to_retina``: an input pixel is in the mask when any photograph
+  pixel under it is, so that no microaneurysm of one or two pixels vanishes)
+  and is cleared outside the field of view.
 
   Args:
     spec: the data set's rendering settings.
@@ -991,9 +992,7 @@ def make_example(spec: ExampleSpec, split: str, index: int, grade: int, *,
   fov = preprocess.field_of_view(size)
   out_masks = {}
   for name in MASK_NAMES:
-    mask = preprocess.rescale_to_retina(masks[name].astype(np.uint8), geometry, size=size,
-                                        interpolation=cv2.INTER_NEAREST)
-    out_masks[name] = (np.asarray(mask).reshape(size, size) > 0) & fov
+    out_masks[name] = preprocess.rescale_mask_to_retina(masks[name], geometry, size=size) & fov
   return {
       "name": f"{split}_{index:06d}",
       "label": int(grade),

@@ -22,7 +22,8 @@ Features of one example (S = ``image_size``, P = ``photo_size``):
   ``Tensor(encoding="zlib")``; an empty mask takes ~100 bytes). True marks the
   pixels of ``image`` covered by that type. Each mask went through the same
   geometry as ``image`` (``find_retina`` on the photograph, then
-  ``rescale_to_retina`` with nearest-neighbour sampling) and is False outside
+  ``rescale_mask_to_retina``: True where any photograph pixel under the input
+  pixel is, so that 1-2 px microaneurysms survive shrinking) and is False outside
   the 90 % field of view (``drig.preprocess.field_of_view``).
 
 Splits ``train``, ``validation`` and ``test``. Each split's grade counts follow
@@ -159,8 +160,10 @@ def make_config(base: str = "default", **overrides: Any) -> SyntheticFundusConfi
 class SyntheticFundus(generation.SourceFileCodePath, tfds.core.GeneratorBasedBuilder):
   """Procedural fundus photographs, DR grades 0-4, with per-lesion masks."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Masks keep every photograph pixel a lesion covers (area "
+                            "resampling) instead of nearest-neighbour samples."}
   BUILDER_CONFIGS = list(BUILDER_CONFIGS)
   DEFAULT_CONFIG_NAME = "default"
 

@@ -4,9 +4,8 @@
   pure function of (seed, step); which rows of it each host gets.
 * ``labels``: every example's label, read without decoding images (cached).
 * ``augmentation``: random flips and rotations keyed by (seed, step, row).
-* ``prefetch``: a background thread that prepares batches ahead.
 * ``errors``: ``InputPipelineError``.
 
-``drig.input_pipeline`` assembles them into ``train_iterator`` and
-``eval_batches``. Importing this package has no side effects.
+``drig.input_pipeline`` assembles them into grain pipelines: ``train_iterator``
+and ``eval_batches``. Importing this package has no side effects.
 """

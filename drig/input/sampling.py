@@ -171,6 +171,17 @@ class BalancedSampler:
     self._permutations: dict[tuple[int, int], np.ndarray] = {}
     self._lock = threading.Lock()
 
+  def __getstate__(self):
+    # grain's worker processes receive a pickled copy; the lock and cache stay here.
+    state = dict(self.__dict__)
+    del state["_lock"]
+    state["_permutations"] = {}
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
   def _class_epoch(self, c: int, epoch: int) -> np.ndarray:
     """Example indices of class ``c`` in the order of its class epoch ``epoch``."""
     key = (c, epoch)

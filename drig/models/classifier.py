@@ -9,7 +9,18 @@ the base's ``Conv2d_1a_3x3`` ... ``Conv2d_4a_3x3``, ``mixed0`` ... ``mixed10``,
 ``pooled``, then ``fc1``, ``fc2`` (after their activation, before dropout) and
 ``logits``. Parameters: ``base/...`` (see ``inception_v3``), ``fc1``, ``fc2``,
 ``logits``.
+
+Heads (``head``): ``"softmax"``, the poster's 5 free logits; ``"ordinal"``, a
+cumulative-link (proportional-odds) head: one score s and increasing
+thresholds b_1 < ... < b_4 with P(grade > k) = sigmoid(s - b_{k+1}), so the
+grades are ranked consistently. The ordinal head's ``logits`` layer outputs
+log P(grade = k): softmax of those is the per-grade probability itself, so
+the softmax cross-entropy trains it by maximum likelihood and every
+softmax-based quantity (``drig.attribution``'s ``probability_of_grade`` and
+friends, the metrics) works unchanged; a "logit" there is a log-probability.
 """
+
+import math
 
 from typing import Any, Optional, Sequence
 
@@ -19,6 +30,8 @@ import jax.numpy as jnp
 
 from drig.models import inception_v3
 
+HEADS = ("softmax", "ordinal")
+
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "elu": nn.elu, "tanh": jnp.tanh,
                "sigmoid": nn.sigmoid, "swish": nn.swish, "linear": lambda x: x}
 
@@ -26,11 +39,66 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
           "float64": jnp.float64}  # float64 needs jax_enable_x64; for numerical checks
 
 
+def ordinal_log_probabilities(score: jax.Array, thresholds: jax.Array) -> jax.Array:
+  """log P(grade = k) [N, K] of the cumulative-link model P(grade > k) = sigmoid(s - b_{k+1}).
+
+  Args:
+    score: float [N, 1] (or [N]), the grade score s.
+    thresholds: float [K - 1], strictly increasing.
+
+  Returns:
+    float32 [N, K]; the rows' exponentials sum to 1. The differences
+    P(grade > k - 1) - P(grade > k) are taken in log space, as
+    log sigmoid(a) + log sigmoid(-c) + log(1 - exp(c - a)), stable for any s.
+  """
+  score = jnp.asarray(score, jnp.float32).reshape(-1, 1)
+  thresholds = jnp.asarray(thresholds, jnp.float32)
+  z = score - thresholds[None, :]
+  log_above = jax.nn.log_sigmoid(z)    # log P(grade > k)
+  log_below = jax.nn.log_sigmoid(-z)   # log P(grade <= k)
+  gaps = thresholds[1:] - thresholds[:-1]
+  middle = log_above[:, :-1] + log_below[:, 1:] + jnp.log(-jnp.expm1(-gaps))
+  return jnp.concatenate([log_below[:, :1], middle, log_above[:, -1:]], axis=-1)
+
+
+class OrdinalHead(nn.Module):
+  """The cumulative-link head: log P(grade = k) from a score and ordered thresholds.
+
+  Parameters: ``score`` (a 1-unit Dense layer) and ``thresholds`` (the first
+  threshold, then the softplus-parametrised gaps, so they stay increasing;
+  initialised at -1.5, -0.5, 0.5, 1.5 for 5 grades).
+  """
+  num_classes: int = 5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h):
+    if self.num_classes < 3:
+      raise ValueError(f"the ordinal head needs at least 3 grades, got num_classes="
+                       f"{self.num_classes}")
+    score = nn.Dense(1, dtype=self.dtype, param_dtype=self.param_dtype, name="score")(h)
+    gaps = self.num_classes - 2
+
+    def init(key, shape, dtype):
+      del key
+      unit_gap = math.log(math.e - 1.0)  # softplus of it is 1
+      return jnp.concatenate([jnp.array([-gaps / 2.0]), jnp.full((gaps,), unit_gap)]).astype(
+          dtype).reshape(shape)
+
+    raw = self.param("thresholds", init, (self.num_classes - 1,), self.param_dtype)
+    raw = raw.astype(jnp.float32)
+    thresholds = raw[0] + jnp.concatenate([jnp.zeros(1), jnp.cumsum(jax.nn.softplus(raw[1:]))])
+    return ordinal_log_probabilities(score.astype(jnp.float32), thresholds)
+
+
 class DRClassifier(nn.Module):
   """Inception-v3 base + fully connected head giving ``num_classes`` logits.
 
   Attributes:
     num_classes: output units (5 DR grades).
+    head: a key of HEADS: "softmax" (logits) or "ordinal" (log-probabilities
+      of the cumulative-link model; see the module docstring).
     fc_widths: widths of the fully connected layers, named fc1, fc2, ...
     activation: a key of ACTIVATIONS, applied after each fully connected layer.
     dropout: dropout rate after each fully connected layer (train=True only;
@@ -40,6 +108,7 @@ class DRClassifier(nn.Module):
     param_dtype: parameter dtype.
   """
   num_classes: int = 5
+  head: str = "softmax"
   fc_widths: Sequence[int] = (1024, 512)
   activation: str = "relu"
   dropout: float = 0.5
@@ -84,6 +153,8 @@ class DRClassifier(nn.Module):
     """
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"unknown activation {self.activation!r}; use one of {list(ACTIVATIONS)}")
+    if self.head not in HEADS:
+      raise ValueError(f"unknown model.head {self.head!r}; use one of {list(HEADS)}")
     start = None if start_layer is None else self.canonical_layer(start_layer)
     stop = None if stop_layer is None else self.canonical_layer(stop_layer)
     names = self.layer_names()
@@ -111,8 +182,12 @@ class DRClassifier(nn.Module):
         stages.append((f"fc{i + 1}", lambda h, dense=dense: act(dense(h))))
       else:
         stages.append((f"fc{i + 1}", lambda h, dense=dense: act(dense(dropout(h)))))
-    top = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                   name=inception_v3.LOGITS_LAYER)
+    if self.head == "ordinal":
+      top = OrdinalHead(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name=inception_v3.LOGITS_LAYER)
+    else:
+      top = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name=inception_v3.LOGITS_LAYER)
     top_input = dropout if self.fc_widths else (lambda h: h)
     stages.append((inception_v3.LOGITS_LAYER, lambda h: top(top_input(h)).astype(jnp.float32)))
     return inception_v3.run_stages(stages, x, start, stop,
@@ -122,12 +197,12 @@ class DRClassifier(nn.Module):
 def build_classifier(model_config) -> DRClassifier:
   """A DRClassifier from a config section (see ``configs/model.py``).
 
-  Reads ``num_classes``, ``fc_widths``, ``activation``, ``dropout``,
+  Reads ``num_classes``, ``head``, ``fc_widths``, ``activation``, ``dropout``,
   ``convention``, ``width_multiplier``, ``dtype`` and ``param_dtype`` (dtype
   names such as "bfloat16"); missing keys take DRClassifier's defaults.
   """
   fields = {}
-  for key in ("num_classes", "activation", "dropout", "convention", "width_multiplier"):
+  for key in ("num_classes", "head", "activation", "dropout", "convention", "width_multiplier"):
     if key in model_config:
       fields[key] = model_config[key]
   if "fc_widths" in model_config:

@@ -110,9 +110,12 @@ def grading_metrics(labels, probabilities, mask: Optional[np.ndarray] = None) ->
 
   Returns:
     A flat dict of Python floats (and the confusion matrix as nested lists):
-    accuracy, quadratic_kappa, auc_any_dr, the standard sensitivities and
-    specificities for any DR (grade >= 1) and referable DR (grade >= 2), and the
-    poster's convention as ``poster_sensitivity`` / ``poster_specificity``.
+    accuracy, quadratic_kappa, auc_any_dr, the recall of each grade
+    (``recall_per_grade``, NaN for a grade without images) with grade 1's as the
+    headline ``grade_1_recall`` (the early grade a grader most easily never
+    predicts), the standard sensitivities and specificities for any DR
+    (grade >= 1) and referable DR (grade >= 2), and the poster's convention as
+    ``poster_sensitivity`` / ``poster_specificity``.
   """
   probabilities = np.asarray(probabilities, np.float64)
   if probabilities.ndim != 2:
@@ -130,6 +133,10 @@ def grading_metrics(labels, probabilities, mask: Optional[np.ndarray] = None) ->
       "auc_any_dr": roc_auc(labels_sel >= 1, 1.0 - probabilities_sel[:, 0]),
       "confusion_matrix": confusion.tolist(),
   }
+  recalls = [_rate(confusion[g, g], confusion[g].sum()) for g in range(num_classes)]
+  metrics["recall_per_grade"] = recalls
+  if num_classes > 1:
+    metrics["grade_1_recall"] = recalls[1]
   for name, threshold in (("any_dr", 1), ("referable_dr", 2)):
     positive = labels_sel >= threshold
     predicted_positive = predictions_sel >= threshold

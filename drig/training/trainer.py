@@ -1,5 +1,7 @@
 """The training loop as a library function: ``train_and_evaluate(config, workdir)``.
 
+One concept: the training loop (state, steps, evaluations, checkpoints, logging).
+
 Design:
 * One root PRNG key from ``config.seed``; each use derives its key with
   ``fold_in`` of a fixed name and the step, so a resumed run draws exactly the
@@ -11,7 +13,11 @@ Design:
   its own slice of the global batch (``jax.make_array_from_process_local_data``).
 * The train step is jitted once with the state donated.
 * Checkpoints: orbax ``CheckpointManager``, asynchronous, keeping the last
-  ``keep_checkpoints`` and the best by validation quadratic kappa. orbax is
+  ``keep_checkpoints`` and the best by validation quadratic kappa.
+* The test split is evaluated once, after training, with the checkpoint the
+  analysis would load (``config.evaluation.checkpoint``, "best" by validation
+  kappa by default; chosen by ``drig.models.runs.choose_checkpoint_step``),
+  with bootstrap confidence intervals over the test images. orbax is
   imported where it is used: it takes about 1.5 s to import, which callers
   that only need this module's step functions would otherwise pay.
 """
@@ -22,7 +28,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from absl import logging
 import flax
@@ -40,6 +46,10 @@ from drig.data import datasets
 from drig.input import sampling
 from drig.models import classifier
 from drig.models import initialization
+from drig.models import runs
+from drig.training import bootstrap
+from drig.training import evaluation
+from drig.training import losses
 from drig.training import metrics as metrics_lib
 from drig.training import metric_writer as metric_writer_lib
 from drig.training import optimizer as optimizer_lib
@@ -74,8 +84,12 @@ def base_param_mask(params) -> Any:
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, root_key, freeze_base_steps: int,
-               schedule) -> tuple[TrainState, dict]:
-  """One optimisation step on a (sharded) batch. Pure; jitted by the caller."""
+               schedule, batch_loss: Optional[losses.LossFn] = None) -> tuple[TrainState, dict]:
+  """One optimisation step on a (sharded) batch. Pure; jitted by the caller.
+
+  ``batch_loss(logits, labels)`` is the batch loss (``losses.make_loss``); None is
+  the poster's softmax cross-entropy.
+  """
   dropout_key = prng.named_key(root_key, "dropout", state.step)
   images = grading.to_model_input(batch["image"])
   labels = batch["label"]
@@ -85,7 +99,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx, root_key, freeze_ba
                                   train=True, mutable=["batch_stats"],
                                   rngs={"dropout": dropout_key})
     logits = logits.astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    if batch_loss is None:
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    else:
+      loss = batch_loss(logits, labels)
     return loss, (logits, updates["batch_stats"])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -104,12 +121,6 @@ def train_step(state: TrainState, batch: dict, *, model, tx, root_key, freeze_ba
       "grad_norm": optax.global_norm(grads),
   }
   return new_state, step_metrics
-
-
-def predict_step(variables: dict, images: jax.Array, *, model) -> jax.Array:
-  """Grade probabilities [N, 5] in float32, inference mode."""
-  logits = model.apply(variables, grading.to_model_input(images), train=False)
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
 # --------------------------------------------------------------------------- #
@@ -133,35 +144,6 @@ def load_sources(data_config, *, prepare: bool) -> dict:
   if test_split and test_split in builder.info.splits:
     sources["test"] = builder.as_data_source(test_split)
   return sources
-
-
-# --------------------------------------------------------------------------- #
-# Evaluation.
-
-
-def evaluate(predict_fn: Callable, variables, eval_batches, mesh) -> dict:
-  """Runs ``predict_fn`` over every example of ``eval_batches`` once.
-
-  ``eval_batches`` yields host-local dicts with ``image``, ``label`` and a
-  boolean ``mask`` (False for padding). Returns ``metrics.grading_metrics``.
-  """
-  all_probs, all_labels, all_masks = [], [], []
-  for batch in eval_batches:
-    images = parallel.host_local_to_global({"image": batch["image"]}, mesh)["image"]
-    probs = predict_fn(variables, images)
-    # Every host gathers every prediction (the eval set is small) so that the
-    # metrics are identical everywhere; only host 0 writes them.
-    probs = np.asarray(multihost_utils.process_allgather(probs, tiled=True)
-                       if jax.process_count() > 1 else probs)
-    labels, mask = batch["label"], batch["mask"]
-    if jax.process_count() > 1:
-      labels = np.asarray(multihost_utils.process_allgather(labels, tiled=True))
-      mask = np.asarray(multihost_utils.process_allgather(mask, tiled=True))
-    all_probs.append(probs)
-    all_labels.append(np.asarray(labels))
-    all_masks.append(np.asarray(mask))
-  return metrics_lib.grading_metrics(np.concatenate(all_labels), np.concatenate(all_probs),
-                                     mask=np.concatenate(all_masks))
 
 
 # --------------------------------------------------------------------------- #
@@ -201,21 +183,34 @@ def _format_eta(seconds: float) -> str:
 class TrainResult:
   state: TrainState
   eval_metrics: Optional[dict]    # validation split, at the last step
-  test_metrics: Optional[dict]    # test split, at the last step
+  test_metrics: Optional[dict]    # test split, with the checkpoint of test_step
   workdir: str
+  test_step: Optional[int] = None  # the checkpoint the test split was evaluated with
+
+
+def check_evaluation_checkpoint(which) -> None:
+  """Raises ValueError unless ``which`` is "best", "latest" or a step number."""
+  text = str(which).strip()
+  if text not in ("best", "latest") and not text.isdigit():
+    raise ValueError(f"config.evaluation.checkpoint must be 'best', 'latest' or a step number, "
+                     f"got {which!r}")
 
 
 def check_inputs(config) -> None:
   """Fails fast, before any data are generated, when a needed file is missing.
 
   Raises:
-    ValueError: ``config.init.source`` is unknown.
+    ValueError: ``config.init.source``, ``config.evaluation`` or
+      ``config.loss`` names something unknown or out of range.
     FileNotFoundError: the initial weights named by ``config.init`` are absent;
       the message says what to download and where to put it.
     drig.data.eyepacs.ManualDownloadError: EyePACS is neither prepared nor
       downloaded into ``config.data.manual_dir``.
   """
   initialization.check_weight_source(config.init.source, config.init.path)
+  check_evaluation_checkpoint(config.evaluation.checkpoint)
+  evaluation.check_test_time_augmentation(config.evaluation.test_time_augmentation)
+  losses.check_loss_config(config.loss)
   if config.data.name == "eyepacs":
     # Lazy: the EyePACS builder imports TensorFlow Datasets (heavy).
     from drig.data import eyepacs  # pylint: disable=g-import-not-at-top
@@ -306,24 +301,32 @@ def _train_and_evaluate(config, workdir: str, is_writer: bool) -> TrainResult:
       logging.info("resumed from %s at step %d", checkpoints.directory, latest)
     return _train_loop(config, workdir, is_writer, state=state, checkpoints=checkpoints,
                        model=model, tx=tx, schedule=schedule, root_key=root_key, mesh=mesh,
-                       sources=sources)
+                       sources=sources, restore=functools.partial(restore, checkpoints))
   finally:
     checkpoints.close()
 
 
 def _train_loop(config, workdir, is_writer, *, state, checkpoints, model, tx, schedule,
-                root_key, mesh, sources) -> TrainResult:
-  """Trains from ``state`` to the end of the schedule, evaluating and checkpointing."""
+                root_key, mesh, sources, restore) -> TrainResult:
+  """Trains from ``state`` to the end of the schedule, evaluating and checkpointing.
+
+  ``restore(step)`` returns the TrainState of a kept checkpoint.
+  """
   # Lazy: orbax is slow to import (see the module docstring).
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   total_steps = sum(config.schedule.steps)
   start_step = int(state.step)
+  proportions = config.data.get("class_proportions", sampling.DEFAULT_CLASS_PROPORTIONS)
+  batch_loss = losses.make_loss(config.loss, proportions, config.model.num_classes)
   train_step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, root_key=root_key,
-                        freeze_base_steps=config.freeze_base_steps, schedule=schedule),
+                        freeze_base_steps=config.freeze_base_steps, schedule=schedule,
+                        batch_loss=batch_loss),
       donate_argnums=(0,))
-  predict_fn = jax.jit(functools.partial(predict_step, model=model))
+  predict_fn = jax.jit(functools.partial(
+      evaluation.predict_step, model=model,
+      test_time_augmentation=config.evaluation.test_time_augmentation))
 
   writer = metric_writer_lib.MetricWriter(workdir, enabled=is_writer)
   train_batches = input_pipeline.train_iterator(
@@ -331,16 +334,18 @@ def _train_loop(config, workdir, is_writer, *, state, checkpoints, model, tx, sc
       start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count())
 
-  def run_eval(step, variables, split="validation", prefix="val/"):
+  def predict_split(variables, split):
     batches = input_pipeline.eval_batches(sources[split], config.eval_batch_size,
                                           process_index=jax.process_index(),
                                           process_count=jax.process_count())
-    eval_metrics = evaluate(predict_fn, variables, batches, mesh)
+    return evaluation.predict_all(predict_fn, variables, batches, mesh)
+
+  def run_eval(step, variables, split="validation", prefix="val/", label=None):
+    labels, probabilities, mask = predict_split(variables, split)
+    eval_metrics = metrics_lib.grading_metrics(labels, probabilities, mask=mask)
     writer.write(step, eval_metrics, prefix=prefix)
-    logging.info("step %d %s: accuracy %.4f kappa %.4f auc(any DR) %.4f", step, split,
-                 eval_metrics["accuracy"], eval_metrics["quadratic_kappa"],
-                 eval_metrics["auc_any_dr"])
-    return eval_metrics
+    evaluation.log_grading_metrics(step, label or split, eval_metrics)
+    return eval_metrics, (labels, probabilities, mask)
 
   eval_metrics = None
   pending = None  # (step, metrics on device) of the step dispatched last.
@@ -366,7 +371,7 @@ def _train_loop(config, workdir, is_writer, *, state, checkpoints, model, tx, sc
         if pending is not None:
           _check_and_log(pending, writer, config, total_steps, window_start, window_steps)
           pending = None
-        eval_metrics = run_eval(done, state.variables())
+        eval_metrics, _ = run_eval(done, state.variables())
       if is_eval or done % config.checkpoint_every == 0:
         if pending is not None:
           _check_and_log(pending, writer, config, total_steps, window_start, window_steps)
@@ -377,22 +382,60 @@ def _train_loop(config, workdir, is_writer, *, state, checkpoints, model, tx, sc
     if pending is not None:
       _check_and_log(pending, writer, config, total_steps, window_start, window_steps)
     if eval_metrics is None and start_step >= total_steps:
-      eval_metrics = run_eval(int(state.step), state.variables())
-    # The held-out test split, once, with the final parameters.
-    test_metrics = (run_eval(int(state.step), state.variables(), "test", "test/")
-                    if "test" in sources else None)
+      eval_metrics, _ = run_eval(int(state.step), state.variables())
+    # The checkpoints on disk (and metrics.jsonl) are what the choice is made from.
+    checkpoints.wait_until_finished()
+    test_report = (_evaluate_test(config, workdir, state, restore, run_eval)
+                   if "test" in sources else None)
   finally:
     checkpoints.wait_until_finished()
     writer.close()
     close = getattr(train_batches, "close", None)
     if close is not None:
       close()
+  final = {"step": int(state.step), "validation": eval_metrics}
+  final.update(test_report or {"test": None})
   if is_writer:
     with open(os.path.join(workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
-      json.dump({"step": int(state.step), "validation": eval_metrics, "test": test_metrics}, f,
-                indent=2)
-  return TrainResult(state=state, eval_metrics=eval_metrics, test_metrics=test_metrics,
-                     workdir=workdir)
+      json.dump(final, f, indent=2)
+  return TrainResult(state=state, eval_metrics=eval_metrics, test_metrics=final["test"],
+                     workdir=workdir,
+                     test_step=final["test_checkpoint"]["step"] if test_report else None)
+
+
+def _evaluate_test(config, workdir, state, restore, run_eval) -> dict:
+  """The held-out test split, once, with the checkpoint the analysis would load.
+
+  Returns the test part of ``final_metrics.json``: ``test_checkpoint`` (step
+  and why), ``test`` (its metrics), ``test_confidence_intervals`` (bootstrap
+  over the test images) and ``test_at_last_step`` (the final parameters'
+  metrics, or None where the chosen checkpoint is the last step).
+  """
+  which = config.evaluation.checkpoint
+  step, why = runs.choose_checkpoint_step(workdir, which)
+  if jax.process_count() > 1:
+    # Host 0's choice, so that a file system seen late by another host cannot split them.
+    step = int(multihost_utils.broadcast_one_to_all(np.int32(step)))
+  last_step = int(state.step)
+  variables = state.variables() if step == last_step else restore(step).variables()
+  logging.info("test split: checkpoint step %d (%s: %s)", step, which, why)
+  test_metrics, (labels, probabilities, mask) = run_eval(step, variables, "test", "test/")
+  intervals = bootstrap.bootstrap_intervals(
+      labels, probabilities, mask=mask, num_resamples=config.evaluation.bootstrap_resamples,
+      seed=config.evaluation.bootstrap_seed, confidence=config.evaluation.confidence)
+  logging.info("test split: %d%% bootstrap intervals (%d resamples): kappa [%.4f, %.4f] "
+               "grade-1 recall [%.4f, %.4f] accuracy [%.4f, %.4f]",
+               round(100 * intervals["confidence"]), intervals["num_resamples"],
+               *intervals["intervals"]["quadratic_kappa"],
+               *intervals["intervals"]["grade_1_recall"], *intervals["intervals"]["accuracy"])
+  at_last_step = None
+  if step != last_step:
+    at_last_step, _ = run_eval(last_step, state.variables(), "test", "test_last_step/",
+                               label="test (last step, not the chosen checkpoint)")
+    at_last_step = {"step": last_step, **at_last_step}
+  return {"test_checkpoint": {"step": step, "selection": str(which), "why": why},
+          "test": test_metrics, "test_confidence_intervals": intervals,
+          "test_at_last_step": at_last_step}
 
 
 def _check_and_log(pending, writer, config, total_steps, window_start, window_steps,

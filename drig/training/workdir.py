@@ -42,6 +42,13 @@ RESUMABLE_FIELDS = (
     "data.data_dir",
     "data.manual_dir",
     "data.prefetch",
+    "data.input_workers",
+    # Evaluation settings change what is measured, not the weights being trained.
+    "evaluation.checkpoint",
+    "evaluation.bootstrap_resamples",
+    "evaluation.bootstrap_seed",
+    "evaluation.confidence",
+    "evaluation.test_time_augmentation",
 )
 
 
