@@ -66,13 +66,36 @@ def _as_scores(values, name: str) -> np.ndarray:
   return values
 
 
+def resample_counts(num_examples: int, num_resamples: int, seed: int) -> np.ndarray:
+  """How often each example is drawn in each resample: int [num_resamples, num_examples].
+
+  Row ``b`` is the multiplicity of every example in a sample of
+  ``num_examples`` draws with replacement; the indices drawn are
+  ``np.random.default_rng(seed).integers(num_examples, size=(num_resamples, num_examples))``.
+
+  Raises:
+    StatisticsError: ``num_examples`` or ``num_resamples`` is not positive.
+  """
+  if num_examples <= 0:
+    raise StatisticsError(f"num_examples must be positive to bootstrap, got {num_examples}")
+  if num_resamples <= 0:
+    raise StatisticsError(f"num_resamples must be positive, got {num_resamples}")
+  indices = np.random.default_rng(seed).integers(num_examples,
+                                                 size=(num_resamples, num_examples))
+  return counts_from_indices(indices, num_examples)
+
+
+def counts_from_indices(indices: np.ndarray, num_examples: int) -> np.ndarray:
+  """Multiplicities [B, num_examples] of resamples given as drawn indices [B, n]."""
+  indices = np.asarray(indices, np.int64)
+  offsets = np.arange(indices.shape[0])[:, None] * num_examples
+  flat = np.bincount((indices + offsets).reshape(-1), minlength=indices.shape[0] * num_examples)
+  return flat.reshape(indices.shape[0], num_examples)
+
+
 def _bootstrap_means(values: np.ndarray, num_resamples: int, seed: int) -> np.ndarray:
   # Each resample as multiplicities: its mean is one matrix-vector product.
-  n = len(values)
-  draws = np.random.default_rng(seed).integers(n, size=(num_resamples, n))
-  counts = np.zeros((num_resamples, n))
-  np.add.at(counts, (np.arange(num_resamples)[:, None], draws), 1.0)
-  return counts @ values / n
+  return resample_counts(len(values), num_resamples, seed) @ values / len(values)
 
 
 def mean_interval(values, *, confidence: float = DEFAULT_CONFIDENCE,

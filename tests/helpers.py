@@ -64,3 +64,14 @@ def write_fundus_photo(path, seed=3, grade=3, size=256):
   with open(path, "wb") as f:
     f.write(synthetic_fundus.encode_jpeg(image, 92))
   return str(path)
+
+
+def subprocess_env(cache_dir):
+  """The environment of a binary run by a test: CPU, quiet TF, a persistent compilation cache."""
+  import os  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ)
+  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  return env

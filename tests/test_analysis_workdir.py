@@ -17,6 +17,7 @@ import pytest
 import helpers  # tests/helpers.py
 
 from configs import analyze as analyze_config
+from drig import files
 from drig.analysis import errors
 from drig.analysis import job
 from drig.analysis import shards as shards_lib
@@ -142,7 +143,7 @@ def test_unreadable_shard_is_an_analysis_error_naming_it(tmp_path):
   with pytest.raises(errors.AnalysisError, match=f"shard file {path} cannot be read") as raised:
     shards_lib.load_shards([str(path)])
   assert raised.value.path == str(path)
-  moved = shards_lib.move_aside(str(path))
+  moved = files.move_aside(str(path))
   assert not path.exists() and os.path.basename(moved).startswith("shard-00000.npz.damaged-")
   assert open(moved, "rb").read() == bytes(data)  # kept, not deleted
   _write_shard(path)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from drig import statistics
 from drig.training import bootstrap
 from drig.training import metrics
 
@@ -38,7 +39,7 @@ def _sklearn_metrics(labels, probabilities):
 def test_every_resample_matches_scikit_learn():
   labels, probabilities = _random_case(0, n=120)
   indices = np.random.default_rng(1).integers(labels.size, size=(25, labels.size))
-  counts = bootstrap.counts_from_indices(indices, labels.size)
+  counts = statistics.counts_from_indices(indices, labels.size)
   replicates = bootstrap.metrics_of_resamples(labels, probabilities, counts)
   assert set(replicates) == set(bootstrap.INTERVAL_METRICS)
   for b, drawn in enumerate(indices):
@@ -48,7 +49,7 @@ def test_every_resample_matches_scikit_learn():
 
 
 def test_resample_counts_are_the_seeded_draws():
-  counts = bootstrap.resample_counts(7, 4, seed=3)
+  counts = statistics.resample_counts(7, 4, seed=3)
   drawn = np.random.default_rng(3).integers(7, size=(4, 7))
   np.testing.assert_array_equal(counts, [np.bincount(row, minlength=7) for row in drawn])
   np.testing.assert_array_equal(counts.sum(1), 7)

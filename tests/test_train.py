@@ -200,15 +200,6 @@ def _train_command(workdir, data_dir):
           "--config.schedule.steps=(8,8,8)", "--config.eval_every=100"]
 
 
-def _env(cache_dir):
-  env = dict(os.environ)
-  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  return env
-
-
 def _finished_steps(checkpoint_dir):
   if not os.path.isdir(checkpoint_dir):
     return []
@@ -216,7 +207,7 @@ def _finished_steps(checkpoint_dir):
 
 
 def test_resume_after_kill_equals_uninterrupted_run(data_dir, tmp_path):
-  env = _env(tmp_path / "jax_cache")
+  env = helpers.subprocess_env(tmp_path / "jax_cache")
   reference = tmp_path / "reference"
   subprocess.run(_train_command(reference, data_dir), cwd=ROOT, env=env, check=True,
                  capture_output=True)
@@ -299,7 +290,7 @@ assert worst < 1e-6, worst
 
 
 def test_data_parallel_step_on_8_devices_equals_one_device():
-  env = _env("/tmp/drig_unused_cache")
+  env = helpers.subprocess_env("/tmp/drig_unused_cache")
   env.pop("JAX_COMPILATION_CACHE_DIR")
   result = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_SCRIPT], cwd=ROOT, env=env,
                           capture_output=True, text=True)

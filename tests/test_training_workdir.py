@@ -13,6 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import helpers  # tests/helpers.py
+
 from configs import base as base_config
 from drig import config_diff
 from drig.data import datasets
@@ -27,20 +29,11 @@ from drig.training import workdir as workdir_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _env(cache_dir):
-  env = dict(os.environ)
-  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  return env
-
-
 def _train(workdir, data_dir, cache_dir, *flags):
   return subprocess.run(
       [sys.executable, "-m", "drig.train", "--config=configs/base.py:tiny",
        f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *flags],
-      cwd=ROOT, env=_env(cache_dir), capture_output=True, text=True)
+      cwd=ROOT, env=helpers.subprocess_env(cache_dir), capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")

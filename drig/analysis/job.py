@@ -42,7 +42,8 @@ from drig import config_diff
 from drig import grading
 from drig import parallel
 from drig import preprocess
-from drig.analysis import files
+from drig import progress as progress_lib
+from drig import files
 from drig.analysis import report as report_lib
 from drig.analysis import shards as shards_lib
 from drig.analysis import validation
@@ -104,13 +105,6 @@ def check_workdir_config(workdir: str, record: dict, *, write: bool) -> None:
     files.atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def _format_eta(seconds: float) -> str:
-  if not np.isfinite(seconds):
-    return "?"
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
-
-
 def _usable_shard(path: str, keys) -> bool:
   """Whether the shard file exists and looks complete; a damaged one is moved aside."""
   if not os.path.exists(path):
@@ -118,7 +112,7 @@ def _usable_shard(path: str, keys) -> bool:
   problem = shards_lib.shard_problem(path, keys)
   if problem is None:
     return True
-  moved = shards_lib.move_aside(path)
+  moved = files.move_aside(path)
   logging.warning("damaged shard %s (%s): moved to %s, attributing it again", path, problem,
                   moved)
   return False
@@ -238,7 +232,8 @@ def run_analysis(config, workdir: str) -> AnalysisResult:
         rate = (done_images - first_images) / (now - first_done)
       logging.info("shard %d done (%d/%d images of this host) | %.2f images/s | ETA %s",
                    shard, done_images, remaining, rate,
-                   _format_eta((remaining - done_images) / rate if rate > 0 else float("nan")))
+                   progress_lib.format_eta((remaining - done_images) / rate
+                                           if rate > 0 else float("nan")))
   _barrier("drig:analysis_shards")
   shards = [shards_lib.shard_path(workdir, s) for s in range(num_shards)]
   result = AnalysisResult(workdir, shards, written)
@@ -257,7 +252,7 @@ def run_analysis(config, workdir: str) -> AnalysisResult:
         result = report_lib.finish(config, workdir, result, loaded, images, field_of_view)
       except shards_lib.ShardReadError as e:
         # Damaged after its host checked it: keep it aside so a rerun redoes it.
-        moved = shards_lib.move_aside(e.path)
+        moved = files.move_aside(e.path)
         raise AnalysisError(f"{e}; moved to {moved}. Rerun the same command: the shard's "
                             f"host attributes it again.") from e
   # The other hosts wait for host 0's report, so that every process leaves together.

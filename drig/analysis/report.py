@@ -20,7 +20,7 @@ import time
 from absl import logging
 import numpy as np
 
-from drig.analysis import files
+from drig import files
 from drig.analysis import report_sections as sections
 from drig.analysis.quantity_specs import parse_quantity
 from drig.analysis.report_document import Report

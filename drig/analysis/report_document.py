@@ -18,7 +18,7 @@ import struct
 
 import markdown
 
-from drig.analysis import files
+from drig import files
 
 # Figures at least this much wider than tall span the page (Fig (a) panels, Hinton strips).
 _WIDE_ASPECT = 1.6

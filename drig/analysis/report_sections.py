@@ -31,7 +31,7 @@ from drig import preprocess
 from drig.analysis import attributor as attributor_lib
 from drig.analysis import counterfactuals
 from drig.analysis import figures as figures_lib
-from drig.analysis import files
+from drig import files
 from drig.analysis import linearity
 from drig.analysis import localization
 from drig.analysis import model_source

@@ -8,12 +8,11 @@ a per-image scale (``encode_map``) and read with ``decode_map``;
 A shard file can be damaged after it was written (a full disk, a copy cut
 short): ``shard_problem`` says why one cannot be used from its zip index and
 ``format_version`` alone, without reading the arrays; ``read_shard`` raises a
-``ShardReadError`` naming the file; ``move_aside`` renames a damaged one
+``ShardReadError`` naming the file; ``drig.files.move_aside`` renames a damaged one
 (``shard-NNNNN.npz.damaged-<time>``) so that it is attributed again but kept.
 """
 
 import os
-import time
 from typing import Iterable, Optional
 import zipfile
 
@@ -132,17 +131,6 @@ def read_shard(path: str) -> dict:
   except Exception as e:  # pylint: disable=broad-except
     # zip, zlib, CRC and npy header errors alike: the file, not the caller, is at fault.
     raise ShardReadError(path, f"{type(e).__name__}: {e}") from e
-
-
-def move_aside(path: str) -> str:
-  """Renames a damaged shard file to ``<path>.damaged-<time>`` (kept for inspection)."""
-  target = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-  suffix = 1
-  while os.path.exists(target):
-    target = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
-    suffix += 1
-  os.replace(path, target)
-  return target
 
 
 def load_shards(paths) -> dict:

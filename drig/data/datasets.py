@@ -21,6 +21,7 @@ import os
 import time
 from typing import Any
 
+from absl import logging
 import cv2
 import ml_collections
 import numpy as np
@@ -129,6 +130,13 @@ def load_builder(name: str, *, data_dir: str | os.PathLike | None = None,
           f"data set {name!r} is not prepared in {builder.data_dir} and needs a manual download;"
           " pass manual_dir (config.data.manual_dir) pointing at the downloaded files")
     download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+  # TFDS announces every preparation as "Downloading and preparing" and warns that a
+  # fresh folder has no dataset_info.json; say once what actually happens.
+  source = ("generated on this machine" if name in _GENERATED_LOCALLY
+            else f"built from the files in {manual_dir}")
+  logging.info("Preparing %s in %s: %s, nothing is downloaded (TFDS's 'Downloading and "
+               "preparing' and 'no dataset_info.json' messages refer to this).", name,
+               builder.data_dir, source)
   builder.download_and_prepare(file_format=file_format, download_config=download_config)
   return builder
 

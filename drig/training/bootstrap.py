@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from drig import grading
+from drig.statistics import resample_counts
 
 DEFAULT_NUM_RESAMPLES = 1000
 DEFAULT_CONFIDENCE = 0.95
@@ -26,33 +27,6 @@ DEFAULT_CONFIDENCE = 0.95
 INTERVAL_METRICS = ("accuracy", "quadratic_kappa", "auc_any_dr", "grade_1_recall",
                     "sensitivity_any_dr", "specificity_any_dr", "sensitivity_referable_dr",
                     "specificity_referable_dr", "poster_sensitivity", "poster_specificity")
-
-
-def resample_counts(num_examples: int, num_resamples: int, seed: int) -> np.ndarray:
-  """How often each example is drawn in each resample: int [num_resamples, num_examples].
-
-  Row ``b`` is the multiplicity of every example in a sample of
-  ``num_examples`` draws with replacement; the indices drawn are
-  ``np.random.default_rng(seed).integers(num_examples, size=(num_resamples, num_examples))``.
-
-  Raises:
-    ValueError: ``num_examples`` or ``num_resamples`` is not positive.
-  """
-  if num_examples <= 0:
-    raise ValueError(f"num_examples must be positive to bootstrap, got {num_examples}")
-  if num_resamples <= 0:
-    raise ValueError(f"num_resamples must be positive, got {num_resamples}")
-  indices = np.random.default_rng(seed).integers(num_examples,
-                                                 size=(num_resamples, num_examples))
-  return counts_from_indices(indices, num_examples)
-
-
-def counts_from_indices(indices: np.ndarray, num_examples: int) -> np.ndarray:
-  """Multiplicities [B, num_examples] of resamples given as drawn indices [B, n]."""
-  indices = np.asarray(indices, np.int64)
-  offsets = np.arange(indices.shape[0])[:, None] * num_examples
-  flat = np.bincount((indices + offsets).reshape(-1), minlength=indices.shape[0] * num_examples)
-  return flat.reshape(indices.shape[0], num_examples)
 
 
 def _divide(numerator, denominator):

@@ -10,7 +10,6 @@ can be read, nothing is renamed and ``NoIntactCheckpointError`` lists the
 directories to remove.
 """
 
-import datetime
 import os
 from typing import Any, Callable, Optional
 
@@ -18,6 +17,7 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 
+from drig import files
 from drig.models import checkpoints as checkpoint_files
 from drig.training import workdir as workdir_lib
 
@@ -31,18 +31,6 @@ def _step_dir(directory: str, step: int) -> str:
     if name.isdigit() and int(name) == step:
       return os.path.join(directory, name)
   return os.path.join(directory, str(step))
-
-
-def move_aside(step_dir: str) -> str:
-  """Renames a damaged step directory to ``<step>.damaged-<time>``; returns the new path."""
-  stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-  target = f"{step_dir}.damaged-{stamp}"
-  suffix = 1
-  while os.path.exists(target):
-    target = f"{step_dir}.damaged-{stamp}-{suffix}"
-    suffix += 1
-  os.rename(step_dir, target)
-  return target
 
 
 def restore_latest_intact(make_manager: Callable[[], Any],
@@ -93,7 +81,7 @@ def restore_latest_intact(make_manager: Callable[[], Any],
     if is_writer:
       for step_dir in damaged:
         logging.warning("moved the damaged checkpoint %s aside to %s; resuming from step %d",
-                        step_dir, move_aside(step_dir), restored_step)
+                        step_dir, files.move_aside(step_dir), restored_step)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("drig:damaged_checkpoints_moved")
     manager = make_manager()

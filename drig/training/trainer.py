@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging as logging_lib
 import os
 import time
 from typing import Any, Optional
@@ -41,6 +42,7 @@ import optax
 from drig import grading
 from drig import input_pipeline
 from drig import parallel
+from drig import progress as progress_lib
 from drig import prng
 from drig.data import datasets
 from drig.input import sampling
@@ -170,13 +172,25 @@ def make_checkpoint_manager(directory: str, keep: int):
                                          best_fn=_checkpoint_kappa, best_mode="max",
                                          enable_async_checkpointing=True,
                                          cleanup_tmp_directories=True)
+  absl_logger = logging_lib.getLogger("absl")
+  if _UNEVALUATED_CHECKPOINT_FILTER not in absl_logger.filters:
+    absl_logger.addFilter(_UNEVALUATED_CHECKPOINT_FILTER)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  hours, rest = divmod(seconds, 3600)
-  return (f"{hours}h" if hours else "") + f"{rest // 60:02d}m{rest % 60:02d}s"
+class _UnevaluatedCheckpointFilter(logging_lib.Filter):
+  """Drops orbax's warning that a checkpoint was saved without metrics.
+
+  Checkpoints between evaluations carry no kappa by design (the preservation
+  policy keeps the latest ones and the best evaluated one), so the warning
+  orbax logs at each of them says nothing a user can act on.
+  """
+
+  def filter(self, record):
+    return "did not provide metrics" not in record.getMessage()
+
+
+_UNEVALUATED_CHECKPOINT_FILTER = _UnevaluatedCheckpointFilter()
 
 
 @dataclasses.dataclass
@@ -350,10 +364,15 @@ def _train_loop(config, workdir, is_writer, *, state, checkpoints, model, tx, sc
   eval_metrics = None
   pending = None  # (step, metrics on device) of the step dispatched last.
   window_start, window_steps = time.perf_counter(), 0
+  # The ETA leaves out the first step, which compiles the train step.
+  progress = progress_lib.Progress(total_steps, done=start_step)
   try:
     for step in range(start_step, total_steps):
       batch = parallel.host_local_to_global(next(train_batches), mesh)
       state, step_metrics = train_step_fn(state, batch)
+      if step == start_step:
+        jax.block_until_ready(step_metrics)
+        progress.update(step + 1)
       # Check the previous step's loss while this one runs: names the exact step
       # that went wrong without stalling the device pipeline.
       if pending is not None:
@@ -362,8 +381,9 @@ def _train_loop(config, workdir, is_writer, *, state, checkpoints, model, tx, sc
       window_steps += 1
       done = step + 1
       if done % config.log_every == 0 or done == total_steps:
+        progress.update(done)
         _check_and_log(pending, writer, config, total_steps, window_start, window_steps,
-                       force_log=True)
+                       force_log=True, eta=progress.eta())
         pending = None
         window_start, window_steps = time.perf_counter(), 0
       is_eval = done % config.eval_every == 0 or done == total_steps
@@ -439,7 +459,7 @@ def _evaluate_test(config, workdir, state, restore, run_eval) -> dict:
 
 
 def _check_and_log(pending, writer, config, total_steps, window_start, window_steps,
-                   force_log=False):
+                   force_log=False, eta="?"):
   step, step_metrics = pending
   values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
   if not np.isfinite(values["loss"]):
@@ -454,8 +474,6 @@ def _check_and_log(pending, writer, config, total_steps, window_start, window_st
   values["steps_per_second"] = steps_per_s
   values["images_per_second"] = steps_per_s * config.batch_size
   writer.write(step + 1, values, prefix="train/")
-  eta = (total_steps - step - 1) / steps_per_s if steps_per_s > 0 else float("nan")
   logging.info("step %d/%d loss %.4f acc %.3f lr %.2g | %.2f steps/s %.1f img/s | ETA %s",
                step + 1, total_steps, values["loss"], values["accuracy"],
-               values["learning_rate"], steps_per_s, values["images_per_second"],
-               _format_eta(eta) if np.isfinite(eta) else "?")
+               values["learning_rate"], steps_per_s, values["images_per_second"], eta)

@@ -22,6 +22,7 @@ from typing import Mapping, Optional
 
 from absl import logging
 
+from drig import files
 from drig.config_diff import config_differences
 
 CONFIG_FILE = "config.json"
@@ -98,11 +99,7 @@ def check_config(workdir: str, config) -> None:
 
 def write_config(workdir: str, config) -> None:
   """Writes ``config`` as ``<workdir>/config.json``, atomically."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(tmp, path)
+  files.atomic_write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,6 +1,6 @@
-"""The job's files: atomic writes, and JSON values.
+"""Workdir files: atomic writes, JSON values, and damaged files moved aside.
 
-A reader sees the old file or the complete new one, never a part: each write
+Used by the training and analysis workdirs alike. A reader sees the old file or the complete new one, never a part: each write
 goes to a temporary file in the destination's folder, is flushed to disk and
 renamed over the destination with ``os.replace``, so a job killed mid-write
 leaves no truncated shard, report or metrics file behind.
@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -59,3 +60,16 @@ def json_safe(value):
   if isinstance(value, np.ndarray):
     return json_safe(value.tolist())
   return value
+
+
+def move_aside(path: str) -> str:
+  """Renames a damaged file or folder to ``<path>.damaged-<time>`` (kept for inspection).
+
+  Returns the new path; a suffix keeps two damaged copies of one second apart.
+  """
+  stamp = time.strftime("%Y%m%dT%H%M%S")
+  target, suffix = f"{path}.damaged-{stamp}", 1
+  while os.path.exists(target):
+    target, suffix = f"{path}.damaged-{stamp}-{suffix}", suffix + 1
+  os.replace(path, target)
+  return target
