@@ -91,12 +91,16 @@ def _always(value: bool) -> Callable[[Mapping], bool]:
   return lambda options: value
 
 
-def _integrated_gradients(call: Call) -> jax.Array:
-  o = call.options
+def _ig(f, x, baseline, options) -> jax.Array:
+  """Fixed-step IG with the options' rule: the attributions alone."""
   attributions, _ = ig_lib.integrated_gradients(
-      call.quantity, call.x, call.baseline, steps=o["steps"], method=o["method"],
-      chunk_size=o["chunk_size"])
+      f, x, baseline, steps=options["steps"], method=options["method"],
+      chunk_size=options["chunk_size"])
   return attributions
+
+
+def _integrated_gradients(call: Call) -> jax.Array:
+  return _ig(call.quantity, call.x, call.baseline, call.options)
 
 
 def _saliency(call: Call) -> jax.Array:
@@ -119,9 +123,7 @@ def _noise_tunnel(kind: str) -> Callable[[Call], jax.Array]:
     elif o["of"] == "input_x_gradient":
       inner = lambda z: gradients.gradient_x_input(f, z)
     else:
-      inner = lambda z: ig_lib.integrated_gradients(
-          f, z, call.baseline, steps=o["steps"], method=o["method"],
-          chunk_size=o["chunk_size"])[0]
+      inner = lambda z: _ig(f, z, call.baseline, o)
     stdev, spread = o["stdev"], (o["stdev_spread"] if o["stdev"] is None else None)
     return gradients.noise_tunnel(inner, call.x, kind=kind, samples=o["samples"], key=call.key,
                                   stdev=stdev, stdev_spread=spread)
