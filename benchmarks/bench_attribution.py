@@ -28,7 +28,16 @@ Parts (--parts, comma-separated):
   adaptive     time and model evaluations to a relative gap of 1% for every image
                (batches of 1 and 8, at the first of --sizes): drig's steps="auto"
                against drig's and Captum's riemann_right at the fewest doubled steps
-               that reach it, timed alternately. Random He weights only.
+               that reach it, timed alternately.
+
+--checkpoint=WORKDIR (a drig.train workdir; --checkpoint_step picks the step, as
+drig.analyze's config.checkpoint_step) replaces the random He weights by that
+trained grader in 'convergence' and 'adaptive' (the only parts it allows): drig's
+own architecture at the run's image size (--sizes is then unused), on the first
+images of --checkpoint_split of the run's data set whose true grade is at least
+--checkpoint_min_grade. Captum has no copy of a drig run's architecture, so
+'adaptive' then compares drig adaptive with drig's fixed riemann_right only
+(Captum's riemann_right needs the same steps for the same gap: the same rule).
 
 --xla_flags sets XLA_FLAGS (appended) before JAX starts, for every part and
 child process; the 'xla_flags' part compares --xla_flag_sets instead.
@@ -41,6 +50,9 @@ Smoke run:
     --batching_configs=python:4:1,python:4:2,python:2,scan:2,map:2
   python benchmarks/bench_attribution.py --parts=adaptive --sizes=80 --repeats=1 \
     --adaptive_batches=1 --adaptive_tolerance=0.1 --adaptive_max_fixed_steps=16
+Time to 1% on a trained grader (the demo's run; smoke: a tiny run, tolerance 0.1):
+  python benchmarks/bench_attribution.py --parts=adaptive,convergence \
+    --checkpoint=workdirs/runlocal
 """
 
 import functools
@@ -115,6 +127,17 @@ _ADAPTIVE_MAX_FIXED = flags.DEFINE_integer(
     "--adaptive_first_steps) for the fixed riemann_right rules of drig and Captum.")
 _ADAPTIVE_FIRST = flags.DEFINE_integer("adaptive_first_steps", 8,
                                        "'adaptive': the first fixed step count tried.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "", "A drig.train workdir: 'convergence' and 'adaptive' attribute its trained "
+    "grader on its data set's images instead of random He weights on smooth random images.")
+_CHECKPOINT_STEP = flags.DEFINE_string(
+    "checkpoint_step", "best", "With --checkpoint: 'best' (validation kappa), 'latest' or a "
+    "step number.")
+_CHECKPOINT_SPLIT = flags.DEFINE_string("checkpoint_split", "test",
+                                        "With --checkpoint: the data split the images come from.")
+_CHECKPOINT_MIN_GRADE = flags.DEFINE_integer(
+    "checkpoint_min_grade", 2, "With --checkpoint: only images of at least this true grade "
+    "(the lesions the maps should find).")
 _CHILD = flags.DEFINE_string("child", "", "Internal: run one measurement in this process.")
 _CHILD_ARGS = flags.DEFINE_string("child_args", "{}", "Internal: JSON arguments for --child.")
 
@@ -221,6 +244,59 @@ class Drig:
         to_layer, self.attribution.probability_of_grade(layer_logits, GRADE), x,
         self.attribution.half_gray_baseline(x), k=k, steps=steps, chunk_size=chunk_size, by=by)
     return jax.block_until_ready(out)
+
+
+class DrigRun(Drig):
+  """drig's side on a trained run (--checkpoint): its model, weights and image size."""
+
+  def __init__(self, workdir, step):  # pylint: disable=super-init-not-called
+    from drig import attribution  # pylint: disable=g-import-not-at-top
+    from drig.analysis import model_source  # pylint: disable=g-import-not-at-top
+    from drig.models import runs  # pylint: disable=g-import-not-at-top
+    self.attribution = attribution
+    try:
+      run = runs.load_run(workdir, step)
+    except runs.RunError as e:
+      raise app.UsageError(f"--checkpoint={workdir!r} --checkpoint_step={step!r}: {e}") from e
+    self.run = run
+    self.model, self.variables = run.model, run.variables
+    self.quantity = attribution.probability_of_grade(
+        model_source.ModelLogits(run.model, run.variables), GRADE)
+    self.image_size = int(run.training_config["data"]["image_size"])
+    self.description = f"{os.path.abspath(workdir)}, step {run.step} ({run.why})"
+
+  def images(self, n):
+    """The first n images of --checkpoint_split with a true grade >= --checkpoint_min_grade,
+    float32 [n, S, S, 3] in the model's [-1, 1]."""
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    from drig.data import datasets  # pylint: disable=g-import-not-at-top
+    data = ml_collections.ConfigDict(self.run.training_config["data"])
+    split, min_grade = _CHECKPOINT_SPLIT.value, _CHECKPOINT_MIN_GRADE.value
+    try:
+      builder = datasets.load_builder_from_config(data, prepare=False)
+    except (datasets.DatasetNotPreparedError, ValueError) as e:
+      raise app.UsageError(f"--checkpoint: the run's data set cannot be read: {e}") from e
+    if split not in builder.info.splits:
+      raise app.UsageError(f"--checkpoint_split={split!r}: {builder.info.full_name} has the "
+                           f"splits {sorted(builder.info.splits)}")
+    source = builder.as_data_source(split)
+    chosen = []
+    for index in range(len(source)):
+      example = source[index]
+      if int(example["label"]) >= min_grade:
+        chosen.append(np.asarray(example["image"], np.uint8))
+        if len(chosen) == n:
+          return np.asarray(grading.to_model_input(np.stack(chosen)), np.float32)
+    raise app.UsageError(f"--checkpoint: split {split!r} of {builder.info.full_name} has "
+                         f"{len(chosen)} images of grade >= {min_grade}, fewer than the {n} "
+                         "needed (--checkpoint_min_grade)")
+
+
+def inputs(drig, n, size, seed):
+  """The images a part attributes: the trained run's (--checkpoint), else smooth random ones."""
+  if isinstance(drig, DrigRun):
+    return drig.images(n)
+  return smooth_images(n, size, seed=seed)
 
 
 class Captum:
@@ -573,8 +649,8 @@ def part_batching(drig, captum):
 def part_convergence(drig, captum):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   del captum
-  size = int(_SIZES.value[0])
-  x = smooth_images(_CONVERGENCE_IMAGES.value, size, seed=11)
+  size = drig.image_size if isinstance(drig, DrigRun) else int(_SIZES.value[0])
+  x = inputs(drig, _CONVERGENCE_IMAGES.value, size, seed=11)
   b = drig.attribution.half_gray_baseline(x)
   change = np.abs(np.asarray(drig.quantity(x) - drig.quantity(jnp.broadcast_to(b, x.shape))))
   summary = []
@@ -609,8 +685,10 @@ def part_adaptive(drig, captum):
   drig's error-controlled IG, drig's fixed riemann_right and Captum's at the fewest doubled
   steps that reach it (found first, untimed), then timed alternately."""
   size, tolerance = int(_SIZES.value[0]), _ADAPTIVE_TOLERANCE.value
+  if isinstance(drig, DrigRun):
+    size = drig.image_size
   for batch in map(int, _ADAPTIVE_BATCHES.value):
-    x = smooth_images(batch, size, seed=11)
+    x = inputs(drig, batch, size, seed=11)
     change = drig.change(x)
     t = time.perf_counter()
     result = drig.pixel_ig_auto(x, tolerance, _CHUNK.value or None)
@@ -633,12 +711,13 @@ def part_adaptive(drig, captum):
       return float((np.abs(total - torch_change) / np.abs(torch_change)).max())
 
     fixed_steps, fixed_gap = _fewest_steps(drig_gap, tolerance)
-    captum_steps, captum_gap_found = _fewest_steps(captum_gap, tolerance)
     runs = {"drig adaptive": lambda: drig.pixel_ig_auto(x, tolerance, _CHUNK.value or None),
             f"drig riemann_right {fixed_steps}": lambda: drig.pixel_ig(x, fixed_steps,
-                                                                       _chunk(fixed_steps)),
-            f"Captum riemann_right {captum_steps}": lambda: captum.pixel_ig(
-                x, captum_steps, _CAPTUM_BATCH.value)}
+                                                                       _chunk(fixed_steps))}
+    if captum is not None:
+      captum_steps, captum_gap_found = _fewest_steps(captum_gap, tolerance)
+      runs[f"Captum riemann_right {captum_steps}"] = lambda: captum.pixel_ig(
+          x, captum_steps, _CAPTUM_BATCH.value)
     times = {name: [] for name in runs}
     for _ in range(_REPEATS.value):  # A B C A B C
       for name, run in runs.items():
@@ -647,15 +726,22 @@ def part_adaptive(drig, captum):
         run()
         times[name].append(time.perf_counter() - t)
     best = {name: min(v) for name, v in times.items()}
-    captum_time = best[f"Captum riemann_right {captum_steps}"]
-    log(f"[adaptive {size}px, batch {batch}, tolerance {tolerance:g}] drig adaptive: "
+    fixed_time = best[f"drig riemann_right {fixed_steps}"]
+    if captum is not None:
+      captum_time = best[f"Captum riemann_right {captum_steps}"]
+      captum_words = (f"Captum needs {captum_steps} steps (max gap {captum_gap_found:.2e}), "
+                      f"{captum_time:.2f} s; Captum / drig adaptive "
+                      f"{captum_time / best['drig adaptive']:.2f}x")
+    else:
+      captum_words = (f"Captum not run (a trained drig run); drig fixed / drig adaptive "
+                      f"{fixed_time / best['drig adaptive']:.2f}x")
+    weights = drig.description if isinstance(drig, DrigRun) else "random He weights"
+    log(f"[adaptive {size}px, batch {batch}, tolerance {tolerance:g}, {weights}] drig adaptive: "
         f"evaluations per image {evaluations.tolist()} (total {int(evaluations.sum())}), "
         f"relative gaps {' '.join('%.2e' % g for g in adaptive_gap)}, converged "
         f"{np.asarray(result.converged).tolist()}, {best['drig adaptive']:.2f} s; drig "
         f"riemann_right needs {fixed_steps} steps ({fixed_steps * batch} evaluations, max gap "
-        f"{fixed_gap:.2e}), {best[f'drig riemann_right {fixed_steps}']:.2f} s; Captum needs "
-        f"{captum_steps} steps (max gap {captum_gap_found:.2e}), {captum_time:.2f} s; "
-        f"Captum / drig adaptive {captum_time / best['drig adaptive']:.2f}x  (all "
+        f"{fixed_gap:.2e}), {fixed_time:.2f} s; {captum_words}  (all "
         f"{ {k: ['%.2f' % t for t in v] for k, v in times.items()} })")
 
 
@@ -663,6 +749,8 @@ PARTS = {"pixel": part_pixel, "analysis": part_analysis, "memory": part_memory,
          "flops": part_flops, "maxpool": part_maxpool, "xla_flags": part_xla_flags,
          "batching": part_batching,
          "convergence": part_convergence, "adaptive": part_adaptive}
+# The parts that --checkpoint (a trained drig run, no Captum twin) can run.
+CHECKPOINT_PARTS = {"convergence", "adaptive"}
 
 
 def main(argv):
@@ -676,14 +764,24 @@ def main(argv):
   unknown = set(_PARTS.value) - set(PARTS)
   if unknown:
     raise app.UsageError(f"unknown parts {sorted(unknown)}; use some of {sorted(PARTS)}")
+  if _CHECKPOINT.value and set(_PARTS.value) - CHECKPOINT_PARTS:
+    raise app.UsageError(
+        f"--checkpoint runs only the parts {sorted(CHECKPOINT_PARTS)}; drop "
+        f"{sorted(set(_PARTS.value) - CHECKPOINT_PARTS)} from --parts (they compare with "
+        "Captum on torchvision's architecture, which a drig run does not have)")
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   log(f"jax {jax.__version__} on {jax.devices()}; torch {torch.__version__} with "
       f"{torch.get_num_threads()} threads; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
       f"load average {os.getloadavg()[0]:.1f}")
-  path = weights_file()
-  drig = Drig(path) if set(_PARTS.value) - {"memory", "xla_flags"} else None
-  captum = Captum(path) if set(_PARTS.value) & {"pixel", "analysis", "adaptive"} else None
+  if _CHECKPOINT.value:
+    drig, captum = DrigRun(_CHECKPOINT.value, _CHECKPOINT_STEP.value), None
+    log(f"trained grader: {drig.description}, {drig.image_size} px, p(grade {GRADE}); images "
+        f"of grade >= {_CHECKPOINT_MIN_GRADE.value} from split {_CHECKPOINT_SPLIT.value!r}")
+  else:
+    path = weights_file()
+    drig = Drig(path) if set(_PARTS.value) - {"memory", "xla_flags"} else None
+    captum = Captum(path) if set(_PARTS.value) & {"pixel", "analysis", "adaptive"} else None
   for part in _PARTS.value:
     PARTS[part](drig, captum)
 

@@ -1,7 +1,8 @@
 r"""Heads and losses side by side: test kappa, grade-1 recall and AUC over seeds.
 
 Trains every variant (the poster's softmax cross-entropy, label smoothing,
-class-balanced weights, focal loss, the ordinal head; each optionally with
+class-balanced weights, focal loss, the ordinal head, the regression head with
+kappa-fitted thresholds (squared error or smooth L1); each optionally with
 test-time augmentation) with each seed, and reads each run's
 ``final_metrics.json``: the test split at the best checkpoint by validation
 kappa, with its bootstrap 95% intervals. Prints, per variant, the mean and
@@ -14,7 +15,7 @@ and each run's intervals; writes the same to ``OUT/results.json`` and
       --variants=softmax_ce,ordinal --out=/tmp/bench_heads            # smoke run, minutes
 
 Expected runtime: each runlocal run trains about 4-5 minutes on a 2-core CPU
-(configs/base.py), so the default (6 variants x 3 seeds) takes about 1.5 hours
+(configs/base.py), so the default (8 variants x 3 seeds) takes about 2 hours
 there, and minutes on an accelerator. Finished runs are reused: a variant's
 workdir that already holds ``final_metrics.json`` is read, not retrained.
 """
@@ -36,6 +37,8 @@ VARIANTS = {
     "ordinal": {"model.head": "ordinal"},
     "ordinal_dihedral_tta": {"model.head": "ordinal",
                              "evaluation.test_time_augmentation": "dihedral"},
+    "regression_mse": {"model.head": "regression"},
+    "regression_smooth_l1": {"model.head": "regression", "loss.regression": "smooth_l1"},
 }
 FIGURES = ("quadratic_kappa", "grade_1_recall", "auc_any_dr")
 

@@ -39,6 +39,13 @@ ARGS = {
                 "128 px, 16 steps, every experiment; about 2.5 min on a 2-core CPU",
     "tiny": "tests: give checkpoint (or init) and data.data_dir; 6 images of the tiny "
             "synthetic data, 4 steps",
+    "study": "the lesion study (docs/results.md): 512 test images stratified by lesion type, "
+             "every attribution method, 50 IG steps, controls and faithfulness curves; "
+             "needs an accelerator",
+    "study_local": "the lesion study on the demo's grader (workdirs/runlocal): 100 test "
+                   "images stratified by lesion type, 5 methods, faithfulness curves; about "
+                   "12 min on a 2-core CPU (an estimate from the runlocal analysis's rate, "
+                   "not measured)",
 }
 
 
@@ -64,6 +71,15 @@ def get_config(arg=None):
   config.data.image_size = 0       # 0: the training run's (files mode: 256 without one)
 
   config.num_images = 0            # 0: the whole split
+  # Which images (drig.analysis.selection): "first" (the first num_images), "stratified"
+  # ("stratified:grade": equal numbers per true grade; "stratified:lesion": per lesion type,
+  # each image counted under the rarest type it carries, or "none"), or a condition:
+  # "grade:K", "predicted:K", "correct:K" (true and predicted grade K, as the poster's
+  # Fig (a)), "wrong:K", "lesion:NAME". Chosen among the split's first selection_pool
+  # images (0: all; rules on predictions run a forward pass over them), in an order drawn
+  # from config.seed; num_images (> 0) of them.
+  config.selection = "first"
+  config.selection_pool = 0
   config.shard_size = 16           # images per shard file (a multiple of the local devices)
 
   # Quantities of interest: "predicted", "grade:K" or "diff:A:B" (probabilities).
@@ -88,6 +104,15 @@ def get_config(arg=None):
   # The baseline of every path method: "half_gray" (the poster's), "black", "blurred"
   # ("blurred:SIGMA", SIGMA in pixels) or "uniform_noise" (drawn from config.seed).
   config.baseline = "half_gray"
+  # The baselines of "expected_gradients" and "gradient_shap" (loaded only when one of them is
+  # in config.methods): `count` images of the analysed data set's split `split`, drawn without
+  # replacement from named_key(PRNGKey(seed), "baseline_distribution"), preprocessed like the
+  # analysed images; the same on every process. Expected gradients costs count x 50 gradient
+  # evaluations per image and quantity (gradient_shap: 5).
+  config.baseline_distribution = ml_collections.ConfigDict()
+  config.baseline_distribution.split = "train"  # the training run's data set
+  config.baseline_distribution.count = 16
+  config.baseline_distribution.seed = 0
 
   config.layer = "Conv2d_4a_3x3"   # the stem's last convolution, before mixed0
   config.top_k = 10               # neurons of each sign (>= 1; at most the layer has)
@@ -101,9 +126,35 @@ def get_config(arg=None):
   config.figures.num_images = 4    # Fig (a) panels, the first images
   config.figures.percentile = 99.0
   config.figures.pair_grades = (0, 4)  # Fig (b)
+  # Files per figure: the PNG (always; the report embeds it) and "svg" and/or "pdf" beside it.
+  config.figures.formats = ("png",)
+  # Signed heat maps' colours: "poster" (green for, red against) or "colorblind" (Okabe-Ito
+  # blue for, orange against: told apart in every common colour-vision deficiency).
+  config.palette = "poster"
+  # Rows of the report's per-image table at most (the rest are counted; all are in the shards).
+  config.report_max_rows = 50
 
   config.localization = ml_collections.ConfigDict()
   config.localization.quantity = "predicted"  # scored when the data set has masks
+
+  # The lesion study (drig.analysis.study; data sets with masks): every map and control
+  # scored against each lesion type and their union with every localisation score, bootstrap
+  # intervals over images, paired differences against the references, and a "Lesion study"
+  # report section; the shards keep every per-image score (study.* keys).
+  config.study = ml_collections.ConfigDict()
+  config.study.enabled = False
+  # Deletion and insertion curves of every method's map, the contrast and a random order
+  # (faithfulness_points shares of pixels from 0 to 1; faithfulness_chunk of them per call).
+  config.study.faithfulness = False
+  config.study.faithfulness_points = 21
+  config.study.faithfulness_chunk = 4
+  # Every map is compared with these (paired over images); a map "finds lesions" where it
+  # beats `control` (the interval of the paired difference above 0).
+  config.study.references = ("pixel_ig", "gradient (absolute)", "contrast")
+  config.study.control = "contrast"
+  config.study.confidence = 0.95
+  config.study.num_resamples = 2000
+  config.study.num_permutations = 10000
 
   config.randomisation = ml_collections.ConfigDict()
   config.randomisation.num_images = 2
@@ -167,5 +218,33 @@ def get_config(arg=None):
     config.counterfactuals.cs = (1.0, 100.0, 1000.0)
     config.linearity.num_images = 1
     config.linearity.count = 4
+    # The study's scores, tables and report section on every tiny run (its curves are
+    # compiled programs of their own, so they stay off here).
+    config.study.enabled = True
     config.model = model_config.get_model_config("tiny")
+  elif arg in ("study", "study_local"):
+    # One quantity (the predicted grade, the one scored) and no host-0 experiments but
+    # Fig (a): the study's cost is the attributions, the scores and the curves.
+    config.quantities = ("predicted",)
+    config.selection = "stratified:lesion"
+    config.study.enabled = True
+    config.study.faithfulness = True
+    config.randomisation.num_images = 0
+    config.counterfactuals.max_images = 0
+    config.linearity.num_images = 0
+    if arg == "study":
+      config.num_images = 512
+      config.methods = ("integrated_gradients", "saliency", "input_x_gradient", "smoothgrad",
+                        "smoothgrad_sq", "vargrad", "expected_gradients", "gradient_shap",
+                        "blur_ig", "guided_ig", "grad_cam", "occlusion", "xrai")
+    else:
+      config.checkpoint = "workdirs/runlocal"
+      config.num_images = 100
+      config.selection_pool = 1000
+      config.shard_size = 4
+      config.tolerance = 0.01  # as runlocal: error-controlled IG
+      config.max_steps = 128
+      config.methods = ("integrated_gradients", "saliency", "input_x_gradient", "smoothgrad",
+                        "grad_cam")
+      config.figures.num_images = 2
   return config

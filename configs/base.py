@@ -19,7 +19,17 @@ Arguments (``--config=configs/base.py:ARG``): the ``ARGS`` table below, which
 4 min 15 s of training on the 2-core development CPU (the demo's training step,
 compilation and evaluations included); the full size about 4 hours of compute
 on that CPU, a few minutes on one GPU (estimates, docs/scaling.md); ``tiny``
-seconds.
+seconds. ``imagenet_h5`` (the full size from Keras' ImageNet weights): an
+estimate of about 5 minutes on one H100/H200 GPU (docs/scaling.md: 2.5-7 s of
+compute for the 1395 steps; compilation, input, evaluations and checkpoints
+make the rest), plus a one-time generation of synthetic_fundus/default on the
+host's CPUs if it is not prepared yet; not measured.
+
+Transfer from ImageNet: ``imagenet_h5`` reads Keras' notop Inception-v3 file
+from ``config.init.path`` (default ``IMAGENET_H5_PATH``) through
+drig.models.importer; a missing file stops training before anything else
+runs, with the download address. ``imagenet_h5_tiny`` is the same path with
+the tiny model for tests: give it a Keras-layout h5 file of the tiny model.
 """
 
 import ml_collections
@@ -30,6 +40,7 @@ from configs import model as model_config
 
 POSTER_LEARNING_RATES = (1e-3, 2e-4, 5e-5)
 POSTER_STEPS = (550, 350, 495)
+IMAGENET_H5_PATH = "data/weights/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 ARGS = {
     "": "full size: the whole Inception-v3 at 256 px, 1395 steps of 32 images; needs an "
@@ -37,7 +48,16 @@ ARGS = {
     "runlocal": "the demo on a 2-core CPU: quarter-width Inception-v3 at 128 px on "
                 "synthetic_fundus/runlocal, schedule scaled to 40% (558 steps), about 4 min",
     "tiny": "tests: a minimal model on synthetic_fundus/tiny, 10 steps, seconds",
+    "imagenet_h5": "the full size initialised from Keras' ImageNet Inception-v3 h5 (notop) "
+                   f"at config.init.path ({IMAGENET_H5_PATH}); needs an accelerator: about "
+                   "5 min on one H100/H200 (estimate)",
+    "imagenet_h5_tiny": "tests: the imagenet_h5 import-then-train path with the tiny model on "
+                        "synthetic_fundus/tiny; give config.init.path (a Keras h5 of the tiny "
+                        "model); seconds",
 }
+
+# The data and model sections of each argument (configs/data.py, configs/model.py).
+_SECTION_ARGS = {"imagenet_h5": "", "imagenet_h5_tiny": "tiny"}
 
 
 def get_config(arg=None):
@@ -46,7 +66,8 @@ def get_config(arg=None):
   config.seed = 0
 
   # Data and model sections are shared with configs/data.py and configs/model.py.
-  config.data = data_config.get_config(arg).data
+  sections = _SECTION_ARGS.get(arg, arg)
+  config.data = data_config.get_config(sections).data
   config.data.train_split = "train"
   config.data.eval_split = "validation"
   config.data.test_split = "test"
@@ -59,7 +80,7 @@ def get_config(arg=None):
   # grain worker processes for reading and augmentation; 0: threads of this process.
   config.data.input_workers = 0
 
-  config.model = model_config.get_model_config(arg)
+  config.model = model_config.get_model_config(sections)
 
   # Where the initial weights come from: random, keras_h5, keras3, torchvision
   # or drig (a drig checkpoint directory, or a drig.train workdir: its latest
@@ -67,6 +88,9 @@ def get_config(arg=None):
   config.init = ml_collections.ConfigDict()
   config.init.source = "random"
   config.init.path = ""
+  if arg in ("imagenet_h5", "imagenet_h5_tiny"):
+    config.init.source = "keras_h5"
+    config.init.path = IMAGENET_H5_PATH if arg == "imagenet_h5" else ""
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adam"
@@ -112,19 +136,36 @@ def get_config(arg=None):
   config.loss.label_smoothing = 0.0
   config.loss.class_weight_power = 0.0
   config.loss.focal_gamma = 2.0                 # focal only
+  # The regression head's loss (model.head = "regression"): "mse" or "smooth_l1"
+  # (quadratic within smooth_l1_beta grades of the truth, linear beyond).
+  config.loss.regression = "mse"
+  config.loss.smooth_l1_beta = 1.0
+
+  # TensorBoard beyond the scalars (host 0; drig/training/summaries.py). They change
+  # what is shown, never the training, so a resumed run may change them.
+  config.tensorboard = ml_collections.ConfigDict()
+  config.tensorboard.hparams = True             # the flattened config, HPARAMS tab
+  config.tensorboard.input_images = 8           # first-batch rows shown with grades; 0: none
+  config.tensorboard.confusion_matrix = True    # an image at each evaluation
+  # Pixel IG (this many steps) of the predicted grade of one fixed validation image
+  # at each evaluation, drawn as Fig (a)-style maps; 0: off.
+  config.tensorboard.map_steps = 8
+  config.tensorboard.map_grade = 4              # that image: the first validation image of this grade
 
   if arg == "runlocal":
     config.schedule.steps = _scaled(POSTER_STEPS, 0.4)
     config.eval_every = 100
     config.checkpoint_every = 50
     config.log_every = 10
-  elif arg == "tiny":
+  elif arg in ("tiny", "imagenet_h5_tiny"):
     config.schedule.steps = (4, 3, 3)
     config.batch_size = 16
     config.eval_batch_size = 16
     config.log_every = 2
     config.eval_every = 5
     config.checkpoint_every = 2
+    # One compilation less per test run; tests/test_tensorboard.py turns the maps on.
+    config.tensorboard.map_steps = 0
   return config
 
 

@@ -32,7 +32,8 @@ def get_model_config(arg=None) -> ml_collections.ConfigDict:
   """The ``model`` config section.
 
   Fields: name ("dr_classifier" or "inception_v3"), num_classes, head
-  ("softmax" or "ordinal", dr_classifier only), convention
+  ("softmax", "ordinal" or "regression", dr_classifier only),
+  regression_scale, convention
   ("keras" or "torchvision"), width_multiplier, fc_widths, activation,
   dropout, dtype and param_dtype (names: "float32", "bfloat16").
   """
@@ -41,8 +42,13 @@ def get_model_config(arg=None) -> ml_collections.ConfigDict:
   model.name = "dr_classifier"
   model.num_classes = 5
   # "softmax": the poster's 5 logits; "ordinal": a cumulative-link head whose
-  # outputs are log-probabilities (drig/models/classifier.py).
+  # outputs are log-probabilities; "regression": the grade as one real number,
+  # thresholds fitted on the validation split for kappa, log-probabilities around
+  # them (drig/models/classifier.py).
   model.head = "softmax"
+  # Regression head only: grades per unit of log-odds between adjacent grades in
+  # its probabilities, log P(k) / P(k - 1) = (y - t_k) / regression_scale.
+  model.regression_scale = 0.25
   model.convention = "keras"
   model.width_multiplier = 1.0
   # The poster adds "two fully connected layers" without their widths; 1024

@@ -18,6 +18,7 @@ seeded: the same scores and seed give the same interval.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import NamedTuple
 
@@ -93,9 +94,25 @@ def counts_from_indices(indices: np.ndarray, num_examples: int) -> np.ndarray:
   return flat.reshape(indices.shape[0], num_examples)
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_counts(num_examples: int, num_resamples: int, seed: int) -> np.ndarray:
+  # A study scores hundreds of cells over the same images: one draw serves them all.
+  counts = resample_counts(num_examples, num_resamples, seed)
+  counts.flags.writeable = False
+  return counts
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_signs(num_differences: int, num_permutations: int, seed: int) -> np.ndarray:
+  signs = np.random.default_rng(seed).choice((1.0, -1.0),
+                                             size=(num_permutations, num_differences))
+  signs.flags.writeable = False
+  return signs
+
+
 def _bootstrap_means(values: np.ndarray, num_resamples: int, seed: int) -> np.ndarray:
   # Each resample as multiplicities: its mean is one matrix-vector product.
-  return resample_counts(len(values), num_resamples, seed) @ values / len(values)
+  return _shared_counts(len(values), num_resamples, seed) @ values / len(values)
 
 
 def mean_interval(values, *, confidence: float = DEFAULT_CONFIDENCE,
@@ -140,7 +157,7 @@ def sign_flip_p_value(differences, *, num_permutations: int = DEFAULT_NUM_PERMUT
   if len(d) <= EXACT_PERMUTATION_LIMIT:
     signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
     return float(np.mean(np.abs(signs @ d) >= observed - tolerance))
-  signs = np.random.default_rng(seed).choice((1.0, -1.0), size=(num_permutations, len(d)))
+  signs = _shared_signs(len(d), num_permutations, seed)
   extreme = np.sum(np.abs(signs @ d) >= observed - tolerance)
   return float((1 + extreme) / (1 + num_permutations))
 

@@ -67,11 +67,36 @@ def write_fundus_photo(path, seed=3, grade=3, size=256):
 
 
 def subprocess_env(cache_dir):
-  """The environment of a binary run by a test: CPU, quiet TF, a persistent compilation cache."""
+  """The environment of a binary run by a test: CPU, quiet TF, a persistent compilation cache.
+
+  The cache is the test process's own (tests/conftest.py) where it has one, so the
+  binary reuses what the tests compiled; else ``cache_dir``.
+  """
   import os  # pylint: disable=g-import-not-at-top
   env = dict(os.environ)
-  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+  env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache_dir))
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   env["JAX_PLATFORMS"] = "cpu"
   env["TF_CPP_MIN_LOG_LEVEL"] = "2"
   return env
+
+
+def tensorboard_events(directory):
+  """Every scalar, image and tensor of the TensorBoard events in ``directory``."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(
+      directory, size_guidance={event_accumulator.IMAGES: 0, event_accumulator.SCALARS: 0,
+                                event_accumulator.TENSORS: 0})
+  events.Reload()
+  return events
+
+
+def decode_image_event(image_event):
+  """The pixels of a TensorBoard image event; its recorded size must be the PNG's."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  pixels = cv2.imdecode(np.frombuffer(image_event.encoded_image_string, np.uint8),
+                        cv2.IMREAD_UNCHANGED)
+  assert pixels is not None
+  assert (image_event.height, image_event.width) == pixels.shape[:2]
+  return pixels

@@ -171,6 +171,37 @@ def test_report_html_is_structured(finished):
   # A contents list whose links reach the section headings.
   assert parser.links_to_anchors and set(parser.links_to_anchors) <= parser.ids
   assert not re.search(r"\b1 images\b", parser.text)
+  # The model summary and the per-image table are tables; one sentence under every section.
+  sections = dict(re.findall(r'<h2 id="([^"]+)">.*?</h2>(.*?)(?=<h2 |</body>)', page, re.S))
+  assert list(sections)[:2] == ["model", "analysis"] and "images" in sections
+  assert "<table>" in sections["model"] and "final_metrics.json" in sections["model"]
+  rows = re.findall(r"<tr>", sections["images"].split("</table>")[0])
+  assert len(rows) == 1 + result.num_images  # the header and one row per image
+  assert all(body.lstrip().startswith('<p class="about">') for body in sections.values())
+  assert "'poster' palette" in sections["analysis"]
+  assert "<td>chance</td>" in sections["lesion-localisation"]
+  # The tiny config runs the lesion study: its tables and a figure per score.
+  assert "<table>" in sections["lesion-study"] and "study_pointing_game.png" in sections[
+      "lesion-study"]
+
+def test_analysis_writes_its_scalars_and_figures_to_tensorboard(setup, finished):
+  workdir, result = finished
+  events = helpers.tensorboard_events(os.path.join(workdir, "tensorboard"))
+  step = 3  # the fake training run's only checkpoint
+  accuracy = events.Scalars("analysis/accuracy")
+  assert [e.step for e in accuracy] == [step]
+  assert accuracy[0].value == pytest.approx(result.metrics["accuracy"])
+  assert events.Scalars("analysis/num_images")[0].value == result.num_images
+  gaps = result.metrics["pixel_relative_gap.predicted"]
+  assert events.Scalars("analysis/pixel_relative_gap.predicted/median")[0].value == (
+      pytest.approx(gaps["median"]))
+  pngs = [p for p in result.figures if p.endswith(".png")]
+  assert pngs
+  for path in pngs:
+    name = os.path.splitext(os.path.relpath(path, os.path.join(workdir, "figures")))[0]
+    (event,) = events.Images(f"figures/{name}")
+    assert helpers.decode_image_event(event).shape[:2] == np.asarray(Image.open(path)).shape[:2]
+
 
 def test_rerun_skips_everything_and_changed_config_errors(setup, finished):
   workdir, first = finished
@@ -288,12 +319,7 @@ def _command(setup, workdir):
 
 
 def _env(setup):
-  env = dict(os.environ)
-  env["JAX_COMPILATION_CACHE_DIR"] = str(setup["root"] / "jax_cache")
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  return env
+  return helpers.subprocess_env(setup["root"] / "jax_cache")
 
 
 def test_binary_resumes_after_sigkill_with_equal_outputs(setup, finished, tmp_path):
@@ -444,7 +470,8 @@ def test_linearity_and_counterfactual_sections_report_what_they_measure(finished
 
 @pytest.mark.parametrize("field, value", [
     ("linearity.quantity", "softmax"), ("linearity.threshold", 1.5),
-    ("counterfactuals.quantity", "odds")])
+    ("counterfactuals.quantity", "odds"), ("figures.formats", ("png", "jpg")),
+    ("figures.formats", ()), ("palette", "rainbow"), ("report_max_rows", 0)])
 def test_experiment_settings_are_validated(setup, field, value):
   with pytest.raises(errors.AnalysisError, match=field.replace(".", r"\.")):
     validation.validate_config(_config(setup, **{field: value}))
@@ -477,7 +504,6 @@ def test_method_maps_are_stored_reported_and_consistent(finished):
 @pytest.mark.parametrize("field,value,message", [
     ("methods", ("integrated_gradients", "smoothgrads"), "'smoothgrads' is not one"),
     ("methods", ("saliency", "saliency"), "each method once"),
-    ("methods", ("expected_gradients",), "distribution of baselines"),
     ("methods", (), "a non-empty list"),
     ("baseline", "gray", "unknown baseline 'gray'"),
     ("baseline", "blurred:0", "sigma must be a number of pixels > 0"),

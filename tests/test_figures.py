@@ -178,3 +178,71 @@ def test_import_uses_no_pyplot():
           "bad = [m for m in ('matplotlib.pyplot', 'tensorflow') if m in sys.modules]; "
           "assert not bad, bad")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _blue(rgb):
+  # Okabe & Ito's blue (0, 0.447, 0.698) at full intensity.
+  return (rgb[..., 2] > 0.5) & (rgb[..., 0] < 0.2) & (rgb[..., 1] > 0.3) & (rgb[..., 1] < 0.6)
+
+
+def _orange(rgb):
+  # Okabe & Ito's orange (0.902, 0.624, 0) at full intensity.
+  return (rgb[..., 0] > 0.75) & (rgb[..., 1] > 0.45) & (rgb[..., 1] < 0.8) & (rgb[..., 2] < 0.2)
+
+
+@pytest.mark.parametrize("draw", ["lesion", "pair", "methods", "group"])
+def test_colorblind_palette_draws_blue_for_and_orange_against(tmp_path, draw):
+  image = _image()
+  signed = _blob(20, 20) - _blob(44, 44)  # positive upper left, negative lower right
+
+  def figure(palette):
+    if draw == "lesion":
+      fig = figures.lesion_figure(None, image, signed, signed, palette=palette)
+      return fig, fig.axes[2]
+    if draw == "pair":
+      fig = figures.quantity_pair_figure(image, {"a": signed, "b": signed}, palette=palette)
+    elif draw == "methods":
+      fig = figures.methods_figure(image, {"a": signed}, palette=palette)
+    else:
+      fig = figures.group_sum_figure(image, signed, palette=palette)
+    return fig, fig.axes[0]
+
+  panels = {}
+  for palette in ("poster", "colorblind"):
+    fig, ax = figure(palette)
+    panels[palette] = _panel(fig, ax, _save_and_read(fig, tmp_path, f"{draw}_{palette}.png"))
+  poster, colorblind = panels["poster"], panels["colorblind"]
+  assert poster.shape == colorblind.shape and not np.allclose(poster, colorblind)
+  assert _green(poster).any() and _red(poster).any()
+  assert not (_green(colorblind).any() or _red(colorblind).any())
+  # Blue where the map is positive (upper left), orange where negative (lower right).
+  blue, orange = _centre_of(_blue(colorblind)), _centre_of(_orange(colorblind))
+  assert blue[0] < 0.5 and blue[1] < 0.5 and orange[0] > 0.5 and orange[1] > 0.5
+
+
+def test_unknown_palette_is_named():
+  with pytest.raises(ValueError, match="palette 'viridis'"):
+    figures.group_sum_figure(None, _blob(10, 10), palette="viridis")
+
+
+def test_vector_formats_are_written_beside_the_png(tmp_path):
+  fig = figures.group_sum_figure(None, _blob(10, 10), title="group")
+  path = figures.save_figure(fig, tmp_path / "g.png", formats=("png", "svg", "pdf"))
+  assert sorted(os.listdir(tmp_path)) == ["g.pdf", "g.png", "g.svg"]
+  assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  assert (tmp_path / "g.pdf").read_bytes().startswith(b"%PDF-")
+  svg = (tmp_path / "g.svg").read_text()
+  assert "<svg" in svg and "group" in svg  # the title is drawn in the vector file
+  assert figures.vector_paths(path, ("svg", "png")) == [str(tmp_path / "g.svg")]
+  # The PNG is written whatever the list: reports embed it.
+  figures.save_figure(fig, tmp_path / "only.png", formats=("pdf",))
+  assert (tmp_path / "only.png").exists() and (tmp_path / "only.pdf").exists()
+
+
+@pytest.mark.parametrize("formats, message", [
+    (("png", "jpg"), "format 'jpg'"), ("svg", "non-empty list"), ((), "non-empty list")])
+def test_bad_figure_formats_are_refused_before_writing(tmp_path, formats, message):
+  fig = figures.group_sum_figure(None, _blob(10, 10))
+  with pytest.raises(ValueError, match=message):
+    figures.save_figure(fig, tmp_path / "g.png", formats=formats)
+  assert os.listdir(tmp_path) == []

@@ -76,7 +76,7 @@ def test_probability_of_grade_works_unchanged(ordinal_model):
 
 def test_unknown_head_is_an_error():
   config = model_config.get_model_config("tiny")
-  config.head = "regression"
+  config.head = "cumulative"
   model = classifier.build_model(config)
   with pytest.raises(ValueError, match="model.head"):
     model.init(jax.random.key(0), jnp.zeros((1, 75, 75, 3)))

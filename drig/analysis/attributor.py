@@ -4,11 +4,15 @@
 (images split over ``mesh``, weights replicated); called on a padded batch of
 uint8 images it returns the shard's arrays (docs/analysis.md lists the keys),
 maps encoded as ``drig.analysis.shards.encode_map`` stores them.
-``path_chunk`` and ``batch_groups`` size each model call.
+``path_chunk`` and ``batch_groups`` size each model call. Methods over a
+distribution of baselines (expected_gradients, gradient_shap) integrate from
+the job's baseline images (``drig.analysis.images.load_baseline_distribution``,
+loaded once per job and passed in), replicated on the local devices.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 from absl import logging
@@ -20,6 +24,7 @@ from drig import grading
 from drig import parallel
 from drig import prng
 from drig.analysis import localization
+from drig.analysis.errors import AnalysisError
 from drig.analysis.model_source import LoadedModel, ModelLogits
 from drig.analysis.quantity_specs import make_quantity, parse_quantity
 from drig.analysis.shards import decode_map, encode_map, method_map_key
@@ -119,6 +124,39 @@ def accuracy_arrays(config, q: str, analysis, indices: np.ndarray) -> dict:
           f"layer_converged.{q}": np.asarray(layer_converged, bool)}
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def mean_over_baselines(quantity, baselines, num_images: int) -> jax.Array:
+  """mean_k F(b_k) for each of ``num_images`` images, float32 [num_images].
+
+  F may depend on the image (the "predicted" quantity reads each image's own
+  grade), so each baseline is evaluated as a batch of num_images copies; one
+  baseline at a time (lax.map) bounds memory by the batch.
+  """
+  def values(baseline):
+    batch = jnp.broadcast_to(baseline, (num_images,) + baseline.shape)
+    return quantity(batch).astype(jnp.float32)
+  return jnp.mean(jax.lax.map(values, baselines), axis=0)
+
+
+@jax.jit
+def _evaluate(quantity, x):
+  """F(x) in float32, [N]; ``quantity`` a pytree, so one program serves every batch."""
+  return quantity(x).astype(jnp.float32)
+
+
+def distribution_gap(attributions, quantity, x, baselines) -> np.ndarray:
+  """Completeness of a method over a baseline distribution, per image, float32 [N].
+
+  sum(attributions) - (F(x) - mean_k F(b_k)): expected gradients' mean of the K
+  IG gaps (E[sum IG] = F(x) - E[F(b)]); for gradient_shap also its sampling error.
+  """
+  change = (np.asarray(_evaluate(quantity, x), np.float64)
+            - np.asarray(mean_over_baselines(quantity, baselines, x.shape[0]), np.float64))
+  attributions = np.asarray(attributions, np.float64)
+  return (attributions.reshape(attributions.shape[0], -1).sum(axis=1) - change).astype(
+      np.float32)
+
+
 @jax.jit
 def probabilities(logits_fn, x):
   """softmax(logits_fn(x)) in float32, [N, G]; ``logits_fn`` a pytree (e.g. ModelLogits)."""
@@ -128,7 +166,18 @@ def probabilities(logits_fn, x):
 class ShardAttributor:
   """Attributes one padded batch of images on the local devices."""
 
-  def __init__(self, config, loaded: LoadedModel, mesh):
+  def __init__(self, config, loaded: LoadedModel, mesh,
+               baseline_images: Optional[np.ndarray] = None):
+    """Places the model (and any baseline distribution) on the mesh's devices.
+
+    Args:
+      config: the analysis config.
+      loaded: the model and its weights.
+      mesh: the local devices (images split over it, weights replicated).
+      baseline_images: uint8 [K, H, W, 3], the baseline distribution of
+        expected_gradients and gradient_shap (required when config.methods
+        names one of them).
+    """
     self.config = config
     self.mesh = mesh
     variables = parallel.replicate(loaded.variables, mesh)
@@ -139,6 +188,10 @@ class ShardAttributor:
     self.quantities = [parse_quantity(q) for q in config.quantities]
     # Pixel IG comes from the lesion analysis; the other methods are computed beside it.
     self.methods = [m for m in config.methods if m != "integrated_gradients"]
+    self.baseline_distribution = None
+    if baseline_images is not None:
+      self.baseline_distribution = parallel.replicate(
+          grading.to_model_input(np.asarray(baseline_images, np.uint8)), mesh)
     self.k = None
 
   def __call__(self, images: np.ndarray, indices: np.ndarray, field_of_view: np.ndarray,
@@ -149,6 +202,8 @@ class ShardAttributor:
     (the randomisation check attributes the trained model's grades).
     """
     config = self.config
+    distributions = {name: self._distribution(name) for name in self.methods
+                     if methods_lib.METHODS[name].distribution}
     x = parallel.shard_batch(grading.to_model_input(images), self.mesh)
     key = attribution_key(config.seed, indices)
     baseline = self._baseline(x, key)
@@ -187,14 +242,19 @@ class ShardAttributor:
           f"negative_resultant.{q}": jnp.sum(analysis.negative_resultant, axis=-1),
           f"gradient.{q}": gradient,
       }
+      gaps = {}
       for name in self.methods:
         stored[method_map_key(name, q)] = methods_lib.attribute(
-            name, quantity=quantity, x=x, baseline=baseline, key=key,
+            name, quantity=quantity, x=x, baseline=distributions.get(name, baseline), key=key,
             split_model=(to_layer, layer_quantity))
+        if name in distributions:
+          gaps[f"map_gap.{name}.{q}"] = distribution_gap(
+              stored[method_map_key(name, q)], quantity, x, self.baseline_distribution)
       for key_name, value in stored.items():
         out[key_name], out[f"{key_name}.scale"] = encode_map(np.asarray(value),
                                                              config.storage_dtype)
       out[f"pixel_gap.{q}"] = np.asarray(analysis.pixel_gap, np.float32)
+      out.update(gaps)
       out.update(accuracy_arrays(config, q, analysis, indices))
       out[f"layer_channels.{q}"] = np.asarray(analysis.layer.channels, np.float32)
       out[f"layer_gap.{q}"] = np.asarray(analysis.layer.gap, np.float32)
@@ -206,6 +266,14 @@ class ShardAttributor:
       if masks is not None and q == parse_quantity(config.localization.quantity).key:
         out.update(self._localization(out, q, indices, field_of_view, masks))
     return out
+
+  def _distribution(self, name: str) -> baselines_lib.BaselineDistribution:
+    """The job's baseline distribution for method ``name``; AnalysisError if none was given."""
+    if self.baseline_distribution is None:
+      raise AnalysisError(
+          f"method {name!r} averages over a distribution of baselines: pass baseline_images "
+          "(drig.analysis.images.load_baseline_distribution) to ShardAttributor")
+    return baselines_lib.BaselineDistribution(self.baseline_distribution)
 
   def _baseline(self, x, key):
     """config.baseline for the batch: replicated if shared, split like x if per image."""

@@ -1,13 +1,16 @@
-"""The poster's figures: lesion panels, quantity pairs and group sums, as PNG.
+"""The poster's figures: lesion panels, quantity pairs and group sums, as PNG (and SVG/PDF).
 
-Green is positive attribution and red negative, overlaid on a dimmed
-grayscale copy of the image, full intensity at a percentile of |attribution|
-(see drig.attribution.heatmap), with a colour bar giving the scale.
+Green is positive attribution and red negative (``palette="poster"``; or
+``palette="colorblind"``, blue and orange), overlaid on a dimmed grayscale
+copy of the image, full intensity at a percentile of |attribution| (see
+drig.attribution.heatmap), with a colour bar giving the scale.
 
 Figures use matplotlib's object API only (``matplotlib.figure.Figure`` on a
 ``FigureCanvasAgg``), never pyplot: no global figure registry, no backend
 selection, nothing to close, and it works headless and in threads. Each
-function returns the Figure; `save_figure` writes it atomically.
+function returns the Figure; `save_figure` writes it atomically, as a PNG
+and, for each other entry of ``formats`` (``FIGURE_FORMATS``), as a vector file
+of the same name beside it.
 
 Example::
 
@@ -35,6 +38,8 @@ from drig.attribution import heatmap
 
 PANEL_INCHES = 4.0
 DEFAULT_DPI = 100
+# The file formats save_figure writes; the PNG is always written (reports embed it).
+FIGURE_FORMATS = ("png", "svg", "pdf")
 
 
 class FigureInputError(ValueError):
@@ -91,19 +96,21 @@ def _show_image(ax, image, title: str):
   ax.set_axis_off()
 
 
-def _show_map(ax, image, values, clip: float, title: str, colorbar: bool = True):
-  rgb = heatmap.green_red(values, clip=clip) if image is None else heatmap.overlay(
-      image, values, clip=clip)
+def _show_map(ax, image, values, clip: float, title: str, colorbar: bool = True,
+              palette: str = heatmap.DEFAULT_PALETTE):
+  rgb = (heatmap.green_red(values, clip=clip, palette=palette) if image is None
+         else heatmap.overlay(image, values, clip=clip, palette=palette))
   ax.imshow(rgb, interpolation="nearest")
   ax.set_title(title)
   ax.set_axis_off()
   if colorbar:
-    heatmap.add_colorbar(ax, clip)
+    heatmap.add_colorbar(ax, clip, palette=palette)
 
 
 def lesion_figure(photo, image, positive_map, negative_map, *, title: str = "",
                   percentile: float = heatmap.DEFAULT_PERCENTILE,
-                  shared_scale: bool = True, dpi: int = DEFAULT_DPI) -> Figure:
+                  shared_scale: bool = True, dpi: int = DEFAULT_DPI,
+                  palette: str = heatmap.DEFAULT_PALETTE) -> Figure:
   """The poster's Fig (a): where the most positive and most negative neurons look.
 
   Panels (fig.axes[0:4]): the original photograph, the preprocessed input,
@@ -122,6 +129,8 @@ def lesion_figure(photo, image, positive_map, negative_map, *, title: str = "",
     shared_scale: one clip value for both maps (their colours compare); False
       clips each map at its own percentile.
     dpi: the figure's resolution (save with the same dpi for 8 x 8 inches at it).
+    palette: the signed colours, "poster" (green/red) or "colorblind"
+      (blue/orange); see drig.attribution.heatmap.PALETTES.
 
   Returns:
     A 2 x 2 Figure, 8 x 8 inches.
@@ -142,8 +151,8 @@ def lesion_figure(photo, image, positive_map, negative_map, *, title: str = "",
   else:
     _show_image(axes[0], _check_image(photo, "photo"), "original photograph")
   _show_image(axes[1], image, "preprocessed input")
-  _show_map(axes[2], image, positive, clip_positive, "most positive neurons")
-  _show_map(axes[3], image, negative, clip_negative, "most negative neurons")
+  _show_map(axes[2], image, positive, clip_positive, "most positive neurons", palette=palette)
+  _show_map(axes[3], image, negative, clip_negative, "most negative neurons", palette=palette)
   if title:
     fig.suptitle(title)
   return fig
@@ -151,7 +160,8 @@ def lesion_figure(photo, image, positive_map, negative_map, *, title: str = "",
 
 def quantity_pair_figure(image, maps: Mapping[str, np.ndarray], *, title: str = "",
                          percentile: float = heatmap.DEFAULT_PERCENTILE,
-                         dpi: int = DEFAULT_DPI) -> Figure:
+                         dpi: int = DEFAULT_DPI,
+                         palette: str = heatmap.DEFAULT_PALETTE) -> Figure:
   """The poster's Fig (b): one image's maps for several quantities, side by side.
 
   All maps share one symmetric colour scale (the percentile of |values| over
@@ -168,6 +178,7 @@ def quantity_pair_figure(image, maps: Mapping[str, np.ndarray], *, title: str = 
     title: the figure's title.
     percentile: |value| at this percentile (over all maps) is full intensity.
     dpi: the figure's resolution.
+    palette: the signed colours (see lesion_figure).
 
   Returns:
     A 1 x len(maps) Figure, 4 inches per panel plus a colour bar.
@@ -184,8 +195,9 @@ def quantity_pair_figure(image, maps: Mapping[str, np.ndarray], *, title: str = 
   fig = new_figure(PANEL_INCHES * len(values) + 1.0, PANEL_INCHES + 0.6, dpi=dpi)
   axes = [fig.add_subplot(1, len(values), i + 1) for i in range(len(values))]
   for ax, (name, value) in zip(axes, values.items()):
-    _show_map(ax, image, value, clip, str(name), colorbar=False)
-  mappable = cm.ScalarMappable(norm=colors.Normalize(-clip, clip), cmap=heatmap.colormap())
+    _show_map(ax, image, value, clip, str(name), colorbar=False, palette=palette)
+  mappable = cm.ScalarMappable(norm=colors.Normalize(-clip, clip),
+                               cmap=heatmap.colormap(palette))
   fig.colorbar(mappable, ax=axes, label="attribution", shrink=0.9)
   if title:
     fig.suptitle(title)
@@ -194,7 +206,8 @@ def quantity_pair_figure(image, maps: Mapping[str, np.ndarray], *, title: str = 
 
 def methods_figure(image, maps: Mapping[str, np.ndarray], *, title: str = "",
                    percentile: float = heatmap.DEFAULT_PERCENTILE,
-                   dpi: int = DEFAULT_DPI) -> Figure:
+                   dpi: int = DEFAULT_DPI,
+                   palette: str = heatmap.DEFAULT_PALETTE) -> Figure:
   """One image's maps by several attribution methods, each on its own colour scale.
 
   Methods have different units (IG sums to a change in the quantity, a
@@ -207,6 +220,7 @@ def methods_figure(image, maps: Mapping[str, np.ndarray], *, title: str = "",
     title: the figure's title.
     percentile: |value| at this percentile (per map) is full intensity.
     dpi: the figure's resolution.
+    palette: the signed colours (see lesion_figure).
 
   Returns:
     A 1 x len(maps) Figure, panels in the mapping's order, titled by the keys.
@@ -222,7 +236,7 @@ def methods_figure(image, maps: Mapping[str, np.ndarray], *, title: str = "",
   fig = new_figure(PANEL_INCHES * len(values) + 0.5 * len(values), PANEL_INCHES + 0.6, dpi=dpi)
   for i, (name, value) in enumerate(values.items()):
     ax = fig.add_subplot(1, len(values), i + 1)
-    _show_map(ax, image, value, shared_clip([value], percentile), str(name))
+    _show_map(ax, image, value, shared_clip([value], percentile), str(name), palette=palette)
   if title:
     fig.suptitle(title)
   return fig
@@ -230,7 +244,8 @@ def methods_figure(image, maps: Mapping[str, np.ndarray], *, title: str = "",
 
 def group_sum_figure(image, summed_map, *, title: str = "",
                      percentile: float = heatmap.DEFAULT_PERCENTILE,
-                     dpi: int = DEFAULT_DPI) -> Figure:
+                     dpi: int = DEFAULT_DPI,
+                     palette: str = heatmap.DEFAULT_PALETTE) -> Figure:
   """The summed heat map over a group of images (e.g. all correct grade-2 ones).
 
   Panels (fig.axes[0]): the map over the image, with a colour bar.
@@ -243,6 +258,7 @@ def group_sum_figure(image, summed_map, *, title: str = "",
     title: the figure's title.
     percentile: |value| at this percentile is full intensity.
     dpi: the figure's resolution.
+    palette: the signed colours (see lesion_figure).
 
   Returns:
     A single-panel Figure, about 5 x 4.6 inches.
@@ -255,34 +271,43 @@ def group_sum_figure(image, summed_map, *, title: str = "",
     values = _check_map(summed_map, image.shape, "summed_map")
   fig = new_figure(PANEL_INCHES + 1.0, PANEL_INCHES + 0.6, dpi=dpi)
   ax = fig.add_subplot(1, 1, 1)
-  _show_map(ax, image, values, heatmap.clip_value(values, percentile), title or "summed map")
+  _show_map(ax, image, values, heatmap.clip_value(values, percentile), title or "summed map",
+            palette=palette)
   return fig
 
 
-def save_figure(fig: Figure, path, *, dpi: int = DEFAULT_DPI) -> str:
-  """Writes `fig` as a PNG at `path` atomically, creating its folder.
+def check_formats(formats) -> tuple[str, ...]:
+  """``formats`` as a tuple of FIGURE_FORMATS names, each once.
 
-  The PNG is written to a temporary file in the same folder, flushed to disk
-  and renamed over `path` (os.replace), so `path` is either the old file or
-  the complete new one, never a partial one; on any error the temporary file
-  is removed and the error re-raised.
-
-  Args:
-    fig: a matplotlib Figure (pyplot's or `new_figure`'s).
-    path: the PNG's path (str or os.PathLike).
-    dpi: dots per inch; a figure of w x h inches becomes w*dpi x h*dpi pixels.
-
-  Returns:
-    `path` as a string.
+  Raises:
+    ValueError: ``formats`` is a bare string, empty, or names a format that is
+      not in FIGURE_FORMATS.
   """
-  path = os.fspath(path)
+  if isinstance(formats, str) or not isinstance(formats, (list, tuple)) or not formats:
+    raise ValueError(f"figure formats must be a non-empty list of names from {FIGURE_FORMATS}, "
+                     f"got {formats!r}")
+  unknown = [f for f in formats if f not in FIGURE_FORMATS]
+  if unknown:
+    raise ValueError(f"figure format {unknown[0]!r} is not supported; use names from "
+                     f"{FIGURE_FORMATS}")
+  return tuple(dict.fromkeys(formats))
+
+
+def vector_paths(path, formats=("png",)) -> list[str]:
+  """The files beside the PNG ``path`` that save_figure writes for ``formats``
+  (the same name with each other format's suffix), in the order of ``formats``."""
+  stem = os.path.splitext(os.fspath(path))[0]
+  return [f"{stem}.{f}" for f in check_formats(formats) if f != "png"]
+
+
+def _write_atomically(fig: Figure, path: str, file_format: str, dpi: int) -> None:
+  """One file of ``fig``: a temporary file in the same folder, flushed, renamed over ``path``."""
   folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
   fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
                                    suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png", dpi=dpi)
+      fig.savefig(f, format=file_format, dpi=dpi)
       f.flush()
       os.fsync(f.fileno())
     os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide figures from other users
@@ -293,4 +318,36 @@ def save_figure(fig: Figure, path, *, dpi: int = DEFAULT_DPI) -> str:
     except FileNotFoundError:
       pass
     raise
+
+
+def save_figure(fig: Figure, path, *, dpi: int = DEFAULT_DPI, formats=("png",)) -> str:
+  """Writes `fig` as a PNG at `path` atomically, creating its folder, and as
+  the other ``formats`` beside it.
+
+  Each file is written to a temporary file in the same folder, flushed to disk
+  and renamed over its path (os.replace), so it is either the old file or
+  the complete new one, never a partial one; on any error the temporary file
+  is removed and the error re-raised.
+
+  Args:
+    fig: a matplotlib Figure (pyplot's or `new_figure`'s).
+    path: the PNG's path (str or os.PathLike).
+    dpi: dots per inch; a figure of w x h inches becomes w*dpi x h*dpi pixels
+      (and the resolution of images embedded in vector files).
+    formats: names from FIGURE_FORMATS; "svg" and "pdf" are written as
+      ``vector_paths(path, formats)``. The PNG is written whatever the list,
+      since reports embed it.
+
+  Returns:
+    `path` as a string.
+
+  Raises:
+    ValueError: ``formats`` names a format not in FIGURE_FORMATS.
+  """
+  path = os.fspath(path)
+  extra = vector_paths(path, formats)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  _write_atomically(fig, path, "png", dpi)
+  for vector in extra:
+    _write_atomically(fig, vector, os.path.splitext(vector)[1][1:], dpi)
   return path

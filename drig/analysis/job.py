@@ -18,7 +18,9 @@ Design:
   attributed again by its host.
 * After a barrier, host 0 alone reads every shard and writes the figures,
   the localisation scores, the sanity and counterfactual experiments,
-  report.md / report.html and metrics.json, each file atomically.
+  report.md / report.html and metrics.json, each file atomically, then the
+  summary scalars and figures as TensorBoard events in ``workdir/tensorboard``
+  (``tensorboard_export``).
 
 The parts live in their own modules: the model (``model_source``), the images
 (``images``), one shard's attribution (``attributor``), the shard files
@@ -45,13 +47,18 @@ from drig import preprocess
 from drig import progress as progress_lib
 from drig import files
 from drig.analysis import report as report_lib
+from drig.analysis import selection as selection_lib
 from drig.analysis import shards as shards_lib
+from drig.analysis import study_scores
+from drig.analysis import tensorboard_export
 from drig.analysis import validation
-from drig.analysis.attributor import ShardAttributor
+from drig.analysis.attributor import ShardAttributor, probabilities
 from drig.analysis.errors import AnalysisError, ConfigMismatchError
-from drig.analysis.images import ImageSet, load_images
-from drig.analysis.model_source import LoadedModel, load_model
+from drig.analysis.images import (ImageSet, SelectedImages, load_baseline_distribution,
+                                  load_images, read_candidates)
+from drig.analysis.model_source import LoadedModel, ModelLogits, load_model
 from drig.analysis.quantity_specs import parse_quantity
+from drig.attribution import methods as methods_lib
 
 CONFIG_FILE = "analysis_config.json"
 
@@ -155,6 +162,9 @@ def attribute_shard(attributor: ShardAttributor, images: ImageSet, shard: int,
   if images.has_masks:
     masks = [e.masks for e in examples] + [None] * (shard_size - len(examples))
   arrays = attributor(batch, padded_indices, field_of_view, masks)
+  if attributor.config.study.enabled and masks is not None:
+    arrays.update(study_scores.shard_study_arrays(attributor.config, attributor.logits_fn, batch,
+                                                  padded_indices, field_of_view, masks, arrays))
   n = len(examples)
   out = {key: value[:n] for key, value in arrays.items()
          if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == shard_size}
@@ -167,6 +177,57 @@ def attribute_shard(attributor: ShardAttributor, images: ImageSet, shard: int,
   out["skipped_reason"] = np.array([s[2] for s in skipped], dtype=np.str_)
   out["format_version"] = np.array(shards_lib.SHARD_FORMAT_VERSION)
   return out
+
+
+def predicted_grades(loaded: LoadedModel, images: np.ndarray, batch_size: int) -> np.ndarray:
+  """The model's grades for uint8 images [N, S, S, 3], in batches of one shape (one program)."""
+  logits_fn = ModelLogits(loaded.model, loaded.variables)
+  grades = []
+  for start in range(0, len(images), batch_size):
+    part = images[start:start + batch_size]
+    padded = np.concatenate([part, np.repeat(part[-1:], batch_size - len(part), axis=0)])
+    grades.append(np.asarray(probabilities(logits_fn, grading.to_model_input(padded)))
+                  .argmax(axis=-1)[:len(part)])
+  return np.concatenate(grades).astype(np.int64)
+
+
+def select_images(config, loaded: LoadedModel, pool: ImageSet) -> ImageSet:
+  """``config.num_images`` of ``pool`` by ``config.selection`` (``drig.analysis.selection``).
+
+  "first" returns the pool (already cut to num_images); any other rule reads
+  every candidate once (and runs the model on them for rules on predictions).
+  Every process computes the same choice (a pure function of the candidates and
+  config.seed).
+
+  Raises:
+    AnalysisError: the rule needs masks or grades the images lack, or no candidate fits.
+  """
+  rule = selection_lib.parse_selection(config.selection)
+  if not rule.reads_candidates:
+    return pool
+  started = time.perf_counter()
+  candidates = read_candidates(pool, with_images=rule.needs_predictions)
+  predictions = (predicted_grades(loaded, candidates.images, config.shard_size)
+                 if rule.needs_predictions else None)
+  try:
+    if rule.kind == "lesion":
+      selection_lib.parse_selection(config.selection, candidates.lesion_names)
+    chosen = selection_lib.select(rule, config.num_images, labels=candidates.labels,
+                                  predictions=predictions, presence=candidates.presence,
+                                  lesion_names=candidates.lesion_names, seed=config.seed)
+  except selection_lib.SelectionError as e:
+    raise AnalysisError(f"config.selection={config.selection!r}: {e} ({pool.description})") from e
+  if not len(chosen):
+    raise AnalysisError(f"config.selection={config.selection!r}: no image among the "
+                        f"{len(candidates.indices)} candidates fits ({pool.description}); "
+                        "raise config.selection_pool or choose another rule")
+  if len(chosen) < config.num_images:
+    logging.warning("selection %r: only %d of the %d images asked for fit among %d candidates",
+                    config.selection, len(chosen), config.num_images, len(candidates.indices))
+  logging.info("selection %r: %d images from %d candidates in %.1f s", config.selection,
+               len(chosen), len(candidates.indices), time.perf_counter() - started)
+  return SelectedImages(pool, candidates.indices[chosen],
+                        selection_lib.describe(rule, len(chosen), len(candidates.indices)))
 
 
 def run_analysis(config, workdir: str) -> AnalysisResult:
@@ -193,7 +254,14 @@ def run_analysis(config, workdir: str) -> AnalysisResult:
                         f"{len(local)} local devices; choose a multiple of {len(local)}")
 
   loaded = load_model(config)
-  images = load_images(config, loaded)
+  images = select_images(config, loaded, load_images(config, loaded))
+  baseline_images = None
+  if any(methods_lib.METHODS[m].distribution for m in config.methods):
+    # Once per job, before the workdir is touched; every process draws the same
+    # images (a named key, the same split).
+    distribution = load_baseline_distribution(config, loaded, images.image_size)
+    logging.info("baseline distribution: %s", distribution.description)
+    baseline_images = distribution.images
   record = _config_record(config, loaded)
   os.makedirs(os.path.join(workdir, "shards"), exist_ok=True)
   check_workdir_config(workdir, record, write=is_host0)
@@ -214,7 +282,7 @@ def run_analysis(config, workdir: str) -> AnalysisResult:
   field_of_view = preprocess.field_of_view(images.image_size)
   written = []
   if todo:
-    attributor = ShardAttributor(config, loaded, mesh)
+    attributor = ShardAttributor(config, loaded, mesh, baseline_images)
     started, done_images = time.perf_counter(), 0
     first_done, first_images = None, 0
     remaining = sum(min(config.shard_size, len(images) - s * config.shard_size) for s in todo)
@@ -255,6 +323,8 @@ def run_analysis(config, workdir: str) -> AnalysisResult:
         moved = files.move_aside(e.path)
         raise AnalysisError(f"{e}; moved to {moved}. Rerun the same command: the shard's "
                             f"host attributes it again.") from e
+      tensorboard_export.write_analysis(workdir, result.metrics, result.figures,
+                                        step=int(loaded.source.get("step", 0)))
   # The other hosts wait for host 0's report, so that every process leaves together.
   _barrier("drig:analysis_done")
   return result

@@ -1,5 +1,7 @@
 """Lesion localisation scores for heat maps.
 
+One concept: how well a heat map points at marked pixels (lesion masks).
+
 Does a heat map point at the lesions an expert (or the synthetic generator)
 marked? Three scores, each restricted to the retina's field of view (FOV; for
 drig's preprocessed images ``drig.preprocess.field_of_view(size)``, the 90%
@@ -10,6 +12,8 @@ disc) so that the half-gray surround counts neither way:
   of the map's positive relevance that falls on lesions.
 * ``pixel_auroc``: how well the map's values rank lesion pixels above the rest
   (ROC AUC, i.e. the Mann-Whitney U statistic with average ranks for ties).
+* ``relevance_rank`` (Arras et al., 2022, "relevance rank accuracy"): the share
+  of the map's top-K pixels that lie on the lesion, K the lesion's pixel count.
 
 Chance levels, for a map unrelated to the mask: pointing game and relevance
 mass about the lesion's share of the FOV, AUROC 0.5. ``random_map`` is that
@@ -19,6 +23,8 @@ control. ``rank_correlation`` compares two maps (the model-randomisation check,
 All scoring functions take numpy (or jax) arrays and return Python floats; a
 score that is undefined (no lesion pixel in the FOV, say) is ``nan``, and
 ``summarise`` leaves such images out of that lesion's statistics.
+``score_table`` gives ``score_maps``' numbers as one array, each map ranked once
+for all masks (the lesion study scores dozens of maps x masks per image).
 
 Example::
 
@@ -38,6 +44,8 @@ import numpy as np
 
 MODES = ("positive", "absolute", "signed")
 METRICS = ("pointing_game", "relevance_mass", "pixel_auroc")
+# Every score score_maps can compute (the lesion study asks for all of them).
+ALL_METRICS = ("pointing_game", "relevance_mass", "relevance_rank", "pixel_auroc")
 TIES = ("expected", "any", "all")
 
 
@@ -236,6 +244,36 @@ def relevance_mass(saliency_map, mask, field_of_view=None) -> float:
   return float(positive[mask & fov].sum() / total)
 
 
+def relevance_rank(saliency_map, mask, field_of_view=None) -> float:
+  """Share of the map's top-K pixels inside the FOV that lie on the lesion, K = |mask & FOV|.
+
+  Arras et al.'s relevance rank accuracy. Pixels tied at the K-th largest value
+  share the remaining places equally (each counts (places left) / (tied
+  pixels)), so the score does not depend on pixel order: a map equal to the
+  mask scores 1.0 and a constant map scores K / |FOV|, its chance level.
+
+  Args:
+    saliency_map: [H, W] real values.
+    mask: bool [H, W], the lesion's pixels.
+    field_of_view: bool [H, W] or None (the whole image).
+
+  Returns:
+    A float in [0, 1]; nan when the mask has no pixel in the FOV.
+  """
+  values, mask, fov = _inside(saliency_map, mask, field_of_view)
+  labels = mask[fov]
+  k = int(labels.sum())
+  if k == 0:
+    return math.nan
+  values = values[fov]
+  threshold = np.partition(values, values.size - k)[values.size - k]  # the K-th largest
+  above = values > threshold
+  tied = values == threshold
+  places_left = k - int(above.sum())
+  hits = float(labels[above].sum()) + places_left * float(labels[tied].sum()) / int(tied.sum())
+  return hits / k
+
+
 def average_ranks(values) -> np.ndarray:
   """1-based ranks of a 1-D array, tied values sharing their average rank (float64)."""
   values = np.asarray(values).ravel()
@@ -306,8 +344,13 @@ def rank_correlation(map_a, map_b, field_of_view=None) -> float:
   return float(np.clip(float(ra @ rb) / denominator, -1.0, 1.0))
 
 
+_SCORES = {"pointing_game": pointing_game, "relevance_mass": relevance_mass,
+           "relevance_rank": relevance_rank, "pixel_auroc": pixel_auroc}
+
+
 def score_maps(maps: Mapping[str, Any], masks: Mapping[str, Any], field_of_view=None, *,
-               mode: str = "positive", tolerance: int = 0) -> dict[str, dict[str, dict]]:
+               mode: str = "positive", tolerance: int = 0,
+               metrics: Sequence[str] = METRICS) -> dict[str, dict[str, dict]]:
   """Every localisation score of every map against every mask, for one image.
 
   Args:
@@ -319,12 +362,19 @@ def score_maps(maps: Mapping[str, Any], masks: Mapping[str, Any], field_of_view=
     mode: how 3-D attribution maps are collapsed (see `saliency`); 2-D maps
       are used as they are.
     tolerance: the pointing game's tolerance in pixels.
+    metrics: the scores to compute, names from ALL_METRICS, in this order.
 
   Returns:
-    {method: {lesion: {"pointing_game": float, "relevance_mass": float,
-    "pixel_auroc": float}}}, nan where a score is undefined (e.g. a lesion
-    absent from this image). Methods and lesions keep the input order.
+    {method: {lesion: {metric: float}}} (by default "pointing_game",
+    "relevance_mass" and "pixel_auroc"), nan where a score is undefined (e.g. a
+    lesion absent from this image). Methods and lesions keep the input order.
+
+  Raises:
+    LocalizationInputError: an unknown metric, or a map or mask of the wrong shape.
   """
+  unknown = [m for m in metrics if m not in _SCORES]
+  if unknown:
+    raise LocalizationInputError(f"score_maps: unknown metrics {unknown}; known: {ALL_METRICS}")
   scores = {}
   for method, value in maps.items():
     value = np.asarray(value)
@@ -333,14 +383,84 @@ def score_maps(maps: Mapping[str, Any], masks: Mapping[str, Any], field_of_view=
     for lesion, mask in masks.items():
       try:
         per_lesion[lesion] = {
-            "pointing_game": pointing_game(saliency_map, mask, field_of_view, tolerance),
-            "relevance_mass": relevance_mass(saliency_map, mask, field_of_view),
-            "pixel_auroc": pixel_auroc(saliency_map, mask, field_of_view),
-        }
+            metric: (pointing_game(saliency_map, mask, field_of_view, tolerance)
+                     if metric == "pointing_game"
+                     else _SCORES[metric](saliency_map, mask, field_of_view))
+            for metric in metrics}
       except LocalizationInputError as e:
         raise LocalizationInputError(f"method {method!r}, lesion {lesion!r}: {e}") from None
     scores[method] = per_lesion
   return scores
+
+
+def score_table(maps: Mapping[str, Any], masks: Mapping[str, Any], field_of_view=None, *,
+                tolerance: int = 0, metrics: Sequence[str] = ALL_METRICS) -> np.ndarray:
+  """``score_maps`` for many maps and masks at once, as an array: the same numbers, faster.
+
+  Each map's ranks, maximum and positive total are computed once and reused for
+  every mask (and each mask's dilation for every map), which makes the lesion
+  study's dozens of maps x masks per image affordable at full resolution.
+
+  Args:
+    maps: name -> [H, W] saliency map (2-D; collapse attributions with `saliency`).
+    masks: name -> bool [H, W].
+    field_of_view: bool [H, W] or None (the whole image).
+    tolerance: the pointing game's tolerance in pixels.
+    metrics: names from ALL_METRICS, in the order of the last axis.
+
+  Returns:
+    float64 [len(maps), len(masks), len(metrics)], equal to
+    ``score_maps(maps, masks, field_of_view, tolerance=tolerance, metrics=metrics)``
+    (nan where a score is undefined).
+
+  Raises:
+    LocalizationInputError: an unknown metric, or a map or mask of the wrong shape.
+  """
+  unknown = [m for m in metrics if m not in _SCORES]
+  if unknown:
+    raise LocalizationInputError(f"score_table: unknown metrics {unknown}; known: {ALL_METRICS}")
+  table = np.full((len(maps), len(masks), len(metrics)), np.nan)
+  if not maps or not masks:
+    return table
+  prepared, shape = [], None
+  for name, value in maps.items():
+    try:
+      values, _, fov = _inside(value, next(iter(masks.values())), field_of_view)
+    except LocalizationInputError as e:
+      raise LocalizationInputError(f"map {name!r}: {e}") from None
+    if shape is not None and values.shape != shape:
+      raise LocalizationInputError(f"map {name!r} has shape {values.shape}; the first has {shape}")
+    shape = values.shape
+    inside = values[fov]
+    positive = np.maximum(inside, 0.0)
+    prepared.append((inside, inside == inside.max() if inside.size else inside > 0,
+                     positive, positive.sum(), average_ranks(inside),
+                     np.sort(inside)[::-1]))
+  for b, (name, mask) in enumerate(masks.items()):
+    labels = _as_mask(mask, shape, f"mask {name!r}")
+    inside_labels = labels[fov]
+    n_pos = int(inside_labels.sum())
+    if n_pos == 0:
+      continue
+    n_neg = inside_labels.size - n_pos
+    hits = dilate(labels, tolerance)[fov] if "pointing_game" in metrics else None
+    for a, (inside, at_max, positive, total, ranks, descending) in enumerate(prepared):
+      for k, metric in enumerate(metrics):
+        if metric == "pointing_game":
+          score = float(hits[at_max].mean())
+        elif metric == "relevance_mass":
+          score = float(positive[inside_labels].sum() / total) if total > 0 else math.nan
+        elif metric == "relevance_rank":
+          threshold = descending[n_pos - 1]
+          above = inside > threshold
+          tied = inside == threshold
+          score = (float(inside_labels[above].sum()) + (n_pos - int(above.sum()))
+                   * float(inside_labels[tied].sum()) / int(tied.sum())) / n_pos
+        else:  # pixel_auroc
+          score = (math.nan if n_neg == 0 else float(
+              (ranks[inside_labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)))
+        table[a, b, k] = score
+  return table
 
 
 def _ordered_union(keys: Iterable[Iterable[str]]) -> list[str]:
@@ -411,12 +531,14 @@ def summary_markdown(summary: Mapping, *, digits: int = 3,
   """
   titles = {"pointing_game": "Pointing game (hit rate)",
             "relevance_mass": "Relevance mass inside the lesion",
+            "relevance_rank": "Relevance rank (top-|lesion| pixels on the lesion)",
             "pixel_auroc": "Pixel AUROC"}
   titles.update(metric_titles or {})
   methods = list(summary)
   lesions = _ordered_union(summary[m].keys() for m in methods)
   metrics = _ordered_union(summary[m][lesion].keys() for m in methods for lesion in summary[m])
-  metrics = [m for m in METRICS if m in metrics] + [m for m in metrics if m not in METRICS]
+  metrics = ([m for m in ALL_METRICS if m in metrics]
+             + [m for m in metrics if m not in ALL_METRICS])
   blocks = []
   for metric in metrics:
     lines = [f"### {titles.get(metric, metric)}", "",

@@ -1,7 +1,8 @@
 """The analysis job's last stage (host 0): figures, experiments, report.md/.html, metrics.json.
 
 ``finish`` reads every shard the job wrote (``drig.analysis.shards``), then
-runs the report's sections (``drig.analysis.report_sections``): Fig (a) for
+writes the model summary and the per-image table (``drig.analysis.report_tables``)
+and runs the report's sections (``drig.analysis.report_sections``): Fig (a) for
 the first images, Fig (b) for one sample, group sums per true grade, the
 localisation summary (when the data set has masks), the model-randomisation
 check, counterfactuals for true-grade-1 images predicted 0 (and true-grade-0
@@ -22,6 +23,9 @@ import numpy as np
 
 from drig import files
 from drig.analysis import report_sections as sections
+from drig.analysis import study as study_lib
+from drig.analysis import report_tables
+from drig.analysis import figures as figures_lib
 from drig.analysis.quantity_specs import parse_quantity
 from drig.analysis.report_document import Report
 from drig.analysis.shards import load_shards
@@ -66,18 +70,24 @@ def _integration_accuracy(config, data, report, metrics) -> None:
         "max": float(relative.max())}
     metrics[f"pixel_steps.{q}"] = {"median": float(np.median(steps)), "max": int(steps.max())}
     metrics[f"images_above_tolerance.{q}"] = [int(data["index"][i]) for i in np.flatnonzero(above)]
+  report.heading("Integration accuracy", level=3,
+                 about="How far each quantity's pixel IG falls short of completeness, and the "
+                 "model evaluations it took per image.")
   report.paragraph(
-      f"Integration accuracy: relative pixel gap |sum(IG) - (F(x) - F(baseline))| / "
+      f"Relative pixel gap |sum(IG) - (F(x) - F(baseline))| / "
       f"|F(x) - F(baseline)| and model evaluations per image; tolerance {tolerance:g}"
       + ("." if config.tolerance > 0 else " (fixed steps: not controlled, only checked)."))
   report.table(["quantity", "relative gap median", "90th percentile", "max",
                 "pixel pass steps median / max", "layer pass steps median / max",
                 "images above tolerance"], rows)
   if above_rows:
+    shown = above_rows[:config.report_max_rows]
     report.paragraph("Images above tolerance (pixel or layer pass): their maps miss more "
-                     "than the tolerance of F(x) - F(baseline).")
+                     "than the tolerance of F(x) - F(baseline)"
+                     + (f"; the first {len(shown)} of {len(above_rows)} (config.report_max_rows, "
+                        "all in metrics.json)." if len(shown) < len(above_rows) else "."))
     report.table(["quantity", "image index", "relative pixel gap", "pixel pass steps",
-                  "layer pass steps"], above_rows)
+                  "layer pass steps"], shown)
 
 
 def finish(config, workdir: str, result, loaded, images, field_of_view):
@@ -91,6 +101,7 @@ def finish(config, workdir: str, result, loaded, images, field_of_view):
   files.atomic_write_text(os.path.join(workdir, "skipped.json"),
                           json.dumps(skipped, indent=2) + "\n")
   report = Report("drig analysis", workdir)
+  errors = {}
   n = len(data["index"])
   labels, predictions = data["label"], data["prediction"]
   known = labels >= 0
@@ -100,29 +111,40 @@ def finish(config, workdir: str, result, loaded, images, field_of_view):
       "quantities": list(config.quantities), "steps": config.steps, "method": config.method,
       "tolerance": config.tolerance, "max_steps": config.max_steps,
       "baseline": config.baseline, "methods": list(config.methods),
+      "palette": config.palette, "figure_formats": list(config.figures.formats),
       "accuracy": float(np.mean(labels[known] == predictions[known])) if known.any() else None,
   }
   for spec in map(parse_quantity, config.quantities):
     metrics[f"max_abs_pixel_gap.{spec.key}"] = float(np.max(np.abs(
         data[f"pixel_gap.{spec.key}"]))) if n else None
-  report.paragraph(f"Model: {loaded.description}.")
+  _run_section("model_summary", report_tables.model_summary, report, errors, config, loaded,
+               report, metrics)
+  report.heading("Analysis", about="What was explained, and how.")
   report.paragraph(f"Images: {images.description}; {n} analysed, {len(skipped)} skipped. "
                    f"Pixel IG from the {config.baseline} baseline, {_integration_words(config)}"
                    f"; layer {config.layer}. Attribution methods: "
                    f"{', '.join(config.methods)}.")
+  report.paragraph(f"Signed heat maps use the {config.palette!r} palette (config.palette): "
+                   f"{sections.palette_words(config.palette).lower()}. Figures are written as "
+                   f"{', '.join(figures_lib.check_formats(config.figures.formats))} "
+                   "(config.figures.formats); the page shows the PNG.")
+  if n:
+    _run_section("per_image", report_tables.per_image_table, report, errors, config, data,
+                 report)
   if skipped:
-    report.heading("Skipped images")
+    report.heading("Skipped images", about="Images the job could not read or grade, and why.")
     report.table(["index", "name", "reason"],
                  [(s["index"], s["name"], s["reason"]) for s in skipped])
   if n:
-    report.heading("Completeness")
+    report.heading("Completeness", about="Whether the attributions add up to the change in "
+                   "each quantity from the baseline to the image, as IG promises.")
     report.table(["quantity", "max abs pixel gap: sum(IG) - (F(x) - F(baseline))",
                   "max abs layer gap"],
                  [(s.label, f"{np.abs(data[f'pixel_gap.{s.key}']).max():.3g}",
                    f"{np.abs(data[f'layer_gap.{s.key}']).max():.3g}")
                   for s in map(parse_quantity, config.quantities)])
     _integration_accuracy(config, data, report, metrics)
-  figures, errors = [], {}
+  figures = []
   if n:
     _run_section("fig_a", sections.fig_a, report, errors, config, data, images, report, figures,
                  folder)
@@ -133,7 +155,10 @@ def finish(config, workdir: str, result, loaded, images, field_of_view):
     _run_section("group_sums", sections.group_sums, report, errors, config, data, images, report,
                  figures, folder, metrics)
     _run_section("localization", sections.localization_summary, report, errors, config, data,
-                 report, metrics)
+                 images, field_of_view, report, metrics)
+    if config.study.enabled:
+      _run_section("study", study_lib.report_section, report, errors, config, data, report,
+                   figures, folder, metrics)
     _run_section("randomisation", sections.randomisation_check, report, errors, config, data,
                  images, loaded, report, metrics)
     _run_section("counterfactuals", sections.counterfactual_section, report, errors, config,

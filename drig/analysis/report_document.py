@@ -6,7 +6,8 @@ HTML is rendered from the same Markdown by the ``markdown`` library (tables
 become real tables, lists real lists), with a table of contents, a sentence
 under each section heading saying what it shows, and figures laid out by
 shape: wide figures (strips, panels) take the full page width, others sit side
-by side at a readable size; each links to its full-resolution file.
+by side at a readable size; each links to its full-resolution file and to its
+vector copies (SVG, PDF) where there are any.
 """
 
 from __future__ import annotations
@@ -30,14 +31,17 @@ h1{margin-bottom:4px}
 nav{background:rgb(244,244,244);padding:6px 14px;border-radius:4px;display:inline-block}
 nav ul{margin:4px 0;padding-left:18px}
 p.about{color:rgb(85,85,85);font-style:italic;margin-top:-6px}
+div.table{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;margin:8px 0;font-size:0.92em}
-td,th{border:1px solid rgb(187,187,187);padding:3px 8px;text-align:right}
-td:first-child,th:first-child{text-align:left}
+td,th{border:1px solid rgb(187,187,187);padding:3px 8px;text-align:left;vertical-align:top}
+td.n,th.n{text-align:right}
+td.n{white-space:nowrap;font-variant-numeric:tabular-nums}
 th{background:rgb(238,238,238)}
-figure{margin:10px 6px;display:inline-block;vertical-align:top;max-width:560px}
+figure{margin:10px 6px;display:inline-block;vertical-align:top;max-width:820px}
 figure img{max-width:100%;height:auto;border:1px solid rgb(221,221,221)}
 figure.wide{display:block;max-width:100%}
 figcaption{font-size:0.9em;color:rgb(51,51,51)}
+figcaption .files{white-space:nowrap}
 """
 
 
@@ -66,6 +70,39 @@ def png_size(path: str) -> tuple[int, int] | None:
   if len(header) < 24 or header[:8] != b"\x89PNG\r\n\x1a\n":
     return None
   return struct.unpack(">II", header[16:24])
+
+
+def _suffix(path: str) -> str:
+  """A file's format as a link text: "SVG" for figure.svg."""
+  return os.path.splitext(path)[1].lstrip(".").upper() or "file"
+
+
+_CELL = re.compile(r"(<t([hd])>)(.*?)(</t[hd]>)", re.S)
+_ROW = re.compile(r"<tr>.*?</tr>", re.S)
+
+
+def _is_number(text: str) -> bool:
+  """Whether a cell holds numbers only ("0.5", "3.2%", "0.5 ± 0.1", "[0.5, 0.9]", "-")."""
+  text = re.sub(r"\d[eE][-+]?\d", "0", html.unescape(text)).strip()
+  return (not re.search(r"[^\W\d_]", text) and bool(re.search(r"\d", text))) or text in ("-", "–")
+
+
+def _align_numbers(table: str) -> str:
+  """Marks the cells of columns that hold only numbers (class "n": right-aligned, unbroken),
+  so that digits line up and text columns read from the left."""
+  rows = [[m.group(3) for m in _CELL.finditer(row) if m.group(2) == "d"]
+          for row in _ROW.findall(table)]
+  rows = [r for r in rows if r]
+  width = max((len(r) for r in rows), default=0)
+  numeric = {c for c in range(width)
+             if all(c < len(r) and _is_number(r[c]) for r in rows)} if rows else set()
+
+  def mark(row_match):
+    column = iter(range(width + 1_000))
+    return _CELL.sub(lambda m: (f"<t{m.group(2)} class=\"n\">" if next(column) in numeric
+                                else m.group(1)) + m.group(3) + m.group(4), row_match.group(0))
+
+  return _ROW.sub(mark, table)
 
 
 def _markdown_cell(value) -> str:
@@ -103,9 +140,10 @@ class Report:
     """Markdown produced elsewhere (tables, lists), rendered as such in the HTML."""
     self._blocks.append(("markdown", text.rstrip()))
 
-  def figure(self, path: str, caption: str):
-    """An image file (linked relative to the workdir) with its caption."""
-    self._blocks.append(("figure", (path, caption.replace("\n", "; "))))
+  def figure(self, path: str, caption: str, alternates=()):
+    """An image file (linked relative to the workdir) with its caption; ``alternates``:
+    the same figure in other formats (e.g. SVG, PDF), linked under it."""
+    self._blocks.append(("figure", (path, caption.replace("\n", "; "), tuple(alternates))))
 
   def markdown(self) -> str:
     """The report as Markdown."""
@@ -119,9 +157,11 @@ class Report:
       elif kind == "markdown":
         out += [payload, ""]
       else:
-        path, caption = payload
+        path, caption, alternates = payload
         rel = os.path.relpath(path, self.workdir)
-        out += [f"![{caption}]({rel})", "", f"*{caption}*", ""]
+        links = "".join(f" [{_suffix(a)}]({os.path.relpath(a, self.workdir)})"
+                        for a in alternates)
+        out += [f"![{caption}]({rel})", "", f"*{caption}*{links}", ""]
     return "\n".join(out)
 
   def html(self) -> str:
@@ -139,7 +179,12 @@ class Report:
       elif kind == "about":
         body.append(f'<p class="about">{html.escape(payload)}</p>')
       elif kind == "markdown":
-        body.append(converter.reset().convert(payload))
+        converted = converter.reset().convert(payload)
+        # Wide tables scroll inside the page rather than running off its edge.
+        converted = re.sub(r"<table>.*?</table>",
+                           lambda m: f'<div class="table">{_align_numbers(m.group(0))}</div>',
+                           converted, flags=re.S)
+        body.append(converted)
       else:
         body.append(self._figure_html(*payload))
     nav = f"<nav><b>Contents</b><ul>{''.join(contents)}</ul></nav>" if contents else ""
@@ -147,14 +192,17 @@ class Report:
             f"<title>{html.escape(self.title)}</title><style>{_STYLE}</style></head><body>"
             f"<h1>{html.escape(self.title)}</h1>{nav}\n" + "\n".join(body) + "\n</body></html>\n")
 
-  def _figure_html(self, path: str, caption: str) -> str:
+  def _figure_html(self, path: str, caption: str, alternates=()) -> str:
     rel = html.escape(os.path.relpath(path, self.workdir))
     size = png_size(path)
     wide = size is not None and size[0] >= _WIDE_ASPECT * size[1]
     width = f' width="{size[0]}"' if size else ""
+    links = ", ".join(f'<a href="{html.escape(os.path.relpath(a, self.workdir))}">'
+                      f"{_suffix(a)}</a>" for a in alternates)
+    files_html = f' <span class="files">({links})</span>' if links else ""
     return (f'<figure class="{"wide" if wide else "figure"}"><a href="{rel}">'
             f'<img src="{rel}"{width} alt="{html.escape(caption)}"></a>'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+            f"<figcaption>{html.escape(caption)}{files_html}</figcaption></figure>")
 
   def write(self) -> dict:
     """Writes report.md and report.html in the workdir; returns their paths."""

@@ -1,5 +1,8 @@
 """The report's sections: figures, summaries and host 0's experiments, from the shards.
 
+One concept: each function adds one section of the analysis report, heading,
+sentence, tables and figures, from the shards and the config.
+
 Each section takes the analysis config, the merged shard arrays (``data``,
 from ``drig.analysis.shards.load_shards``) and the images, adds its headings,
 tables and figures to the ``Report`` and its numbers to ``metrics``:
@@ -36,6 +39,7 @@ from drig.analysis import linearity
 from drig.analysis import localization
 from drig.analysis import model_source
 from drig.analysis import randomisation
+from drig.analysis import report_tables
 from drig.analysis.quantity_specs import QuantitySpec, parse_quantity
 from drig.analysis.report_document import plural, Report
 from drig.analysis.shards import decode_map, method_map_key
@@ -45,10 +49,23 @@ def _first_quantity(config) -> QuantitySpec:
   return parse_quantity(config.quantities[0])
 
 
-def _save(fig, path: str, figures: list) -> str:
-  figures_lib.save_figure(fig, path)
+def _save(fig, path: str, figures: list, config) -> str:
+  """Saves ``fig`` as the PNG ``path`` and the other ``config.figures.formats`` beside it."""
+  figures_lib.save_figure(fig, path, formats=config.figures.formats)
   figures.append(path)
   return path
+
+
+def _show(report: Report, config, path: str, caption: str) -> None:
+  """The figure in the report, linked to its vector files."""
+  report.figure(path, caption, alternates=figures_lib.vector_paths(path, config.figures.formats))
+
+
+def palette_words(palette: str) -> str:
+  """How the report names a signed heat map's colours."""
+  if palette == "colorblind":
+    return "Blue: positive attribution (for the quantity), orange: negative (against it)"
+  return "Green: positive attribution (for the quantity), red: negative (against it)"
 
 
 def fig_a(config, data, images, report: Report, figures: list, folder: str) -> None:
@@ -57,9 +74,12 @@ def fig_a(config, data, images, report: Report, figures: list, folder: str) -> N
   count = min(config.figures.num_images, len(data["index"]))
   if count == 0:
     return
-  report.heading("Fig (a): resultant active regions of the most positive and negative neurons")
+  report.heading("Where the strongest neurons look (the poster's Fig (a))",
+                 about="For each image, the input regions that the layer's most positive and "
+                 "most negative neurons draw on (their resultant active regions): what the "
+                 "neurons that push the quantity up or down respond to.")
   report.paragraph(f"Quantity: {q.label}; layer {config.layer}, top {config.top_k} "
-                   f"{config.neurons}s of each sign. Green: positive attribution, red: negative.")
+                   f"{config.neurons}s of each sign. {palette_words(config.palette)}.")
   positive = decode_map(data, f"positive_resultant.{q.key}")
   negative = decode_map(data, f"negative_resultant.{q.key}")
   for i in range(count):
@@ -71,9 +91,10 @@ def fig_a(config, data, images, report: Report, figures: list, folder: str) -> N
              f"predicted {grading.grade_name(pred)}\nquantity: {q.label}, layer {config.layer}")
     photo = example.photo if example.photo is not None else example.image
     fig = figures_lib.lesion_figure(photo, example.image, positive[i], negative[i], title=title,
-                                    percentile=config.figures.percentile)
-    path = _save(fig, os.path.join(folder, f"fig_a_{i:03d}.png"), figures)
-    report.figure(path, title)
+                                    percentile=config.figures.percentile,
+                                    palette=config.palette)
+    path = _save(fig, os.path.join(folder, f"fig_a_{i:03d}.png"), figures, config)
+    _show(report, config, path, title)
 
 
 def _pair_sample(data) -> int:
@@ -88,7 +109,11 @@ def fig_b(config, data, images, report: Report, figures: list, folder: str) -> N
     return
   a, b = (int(g) for g in config.figures.pair_grades)
   keys = {s.key: s for s in map(parse_quantity, config.quantities)}
-  report.heading(f"Fig (b): one sample's maps for grade {a} and grade {b}")
+  report.heading(f"One image explained for grade {a} and grade {b} (the poster's Fig (b))",
+                 about=f"One image's pixel IG and resultant active regions for the probability "
+                 f"of grade {a} and of grade {b}, on one colour scale per pair: regions that "
+                 "argue for one grade and against the other show in opposite colours.")
+  report.paragraph(f"{palette_words(config.palette)}.")
   missing = [g for g in (a, b) if f"grade_{g}" not in keys]
   if missing:
     report.paragraph(f"Not drawn: config.quantities lacks grade:{missing[0]}.")
@@ -110,9 +135,10 @@ def fig_b(config, data, images, report: Report, figures: list, folder: str) -> N
                            ("fig_b_resultant.png", resultant,
                             f"resultant active regions at {config.layer}")):
     fig = figures_lib.quantity_pair_figure(example.image, maps, title=title,
-                                           percentile=config.figures.percentile)
-    path = _save(fig, os.path.join(folder, name), figures)
-    report.figure(path, f"{title}: {what} for grade {a} and grade {b}")
+                                           percentile=config.figures.percentile,
+                                           palette=config.palette)
+    path = _save(fig, os.path.join(folder, name), figures, config)
+    _show(report, config, path, f"{title}: {what} for grade {a} and grade {b}")
 
 
 def method_maps(config, data, images, report: Report, figures: list, folder: str) -> None:
@@ -124,11 +150,16 @@ def method_maps(config, data, images, report: Report, figures: list, folder: str
   count = min(config.figures.num_images, len(data["index"]))
   if count == 0 or list(config.methods) == ["integrated_gradients"]:
     return
-  report.heading("Attribution methods")
+  report.heading("Attribution methods", about="The same images explained by each attribution "
+                 "method, side by side, to see where the methods agree.")
   report.paragraph(
       f"Quantity: {q.label}; baseline {config.baseline}. Methods: "
       f"{', '.join(config.methods)} (drig.attribution.methods, default options), "
-      "channels summed, each map on its own colour scale. Green: positive, red: negative.")
+      f"channels summed, each map on its own colour scale. {palette_words(config.palette)}."
+      + (f" Baselines of expected_gradients and gradient_shap: K = "
+         f"{config.baseline_distribution.count} images of split "
+         f"{config.baseline_distribution.split!r} (seed {config.baseline_distribution.seed})."
+         if {"expected_gradients", "gradient_shap"} & set(config.methods) else ""))
   maps = {name: decode_map(data, method_map_key(name, q.key)) for name in config.methods}
   for i in range(count):
     example = images.read(int(data["index"][i]))
@@ -136,9 +167,10 @@ def method_maps(config, data, images, report: Report, figures: list, folder: str
       continue
     title = f"{example.name}: {q.label}, baseline {config.baseline}"
     fig = figures_lib.methods_figure(example.image, {name: m[i] for name, m in maps.items()},
-                                     title=title, percentile=config.figures.percentile)
-    path = _save(fig, os.path.join(folder, f"methods_{i:03d}.png"), figures)
-    report.figure(path, title)
+                                     title=title, percentile=config.figures.percentile,
+                                     palette=config.palette)
+    path = _save(fig, os.path.join(folder, f"methods_{i:03d}.png"), figures, config)
+    _show(report, config, path, title)
 
 
 def group_sums(config, data, images, report: Report, figures: list, folder: str,
@@ -146,7 +178,9 @@ def group_sums(config, data, images, report: Report, figures: list, folder: str,
   """Summed pixel IG (first quantity) over the correctly predicted images of each grade."""
   labels, predictions = data["label"], data["prediction"]
   correct = (labels == predictions) & (labels >= 0)
-  report.heading("Group sums: summed pixel IG over correctly predicted images of each grade")
+  report.heading("Group sums: summed pixel IG over correctly predicted images of each grade",
+                 about="Where, summed over the images the model grades correctly, pixel IG "
+                 "supports each grade: the places the model relies on for that grade.")
   if not correct.any():
     report.paragraph("No correctly predicted image with a known grade: nothing to sum.")
     return
@@ -162,26 +196,24 @@ def group_sums(config, data, images, report: Report, figures: list, folder: str,
     mean_image = np.mean([images.read(int(data["index"][m])).image for m in members[:16]],
                          axis=0).astype(np.uint8)
     title = f"summed pixel IG, {q.label}\n{plural(members.size, f'correct grade-{grade} image')}"
-    fig = figures_lib.group_sum_figure(mean_image, summed, title=title)
-    path = _save(fig, os.path.join(folder, f"group_sum_grade_{grade}.png"), figures)
-    report.figure(path, title)
+    fig = figures_lib.group_sum_figure(mean_image, summed, title=title, palette=config.palette)
+    path = _save(fig, os.path.join(folder, f"group_sum_grade_{grade}.png"), figures, config)
+    _show(report, config, path, title)
   metrics["group_sizes_correct"] = counts
 
 
-def localization_summary(config, data, report: Report, metrics: dict) -> None:
-  """Localisation scores per lesion and method over images (data sets with masks only)."""
+def localization_summary(config, data, images, field_of_view, report: Report,
+                         metrics: dict) -> None:
+  """Localisation scores per lesion and method over images (data sets with masks only),
+  with each score's chance level."""
   q = parse_quantity(config.localization.quantity)
   key = f"localization.{q.key}"
   if key not in data or len(data[key]) == 0:
     return
-  methods = [str(m) for m in data["localization_methods"]]
-  lesions = [str(l) for l in data["localization_lesions"]]
-  names = [str(m) for m in data["localization_metrics"]]
-  per_image = [{m: {l: {k: float(scores[a, b, c]) for c, k in enumerate(names)}
-                    for b, l in enumerate(lesions)} for a, m in enumerate(methods)}
-               for scores in data[key]]
-  summary = localization.summarise(per_image)
-  report.heading("Lesion localisation")
+  summary = report_tables.localization_summary_of(data, key)
+  report.heading("Lesion localisation", about="How much of each map falls on the annotated "
+                 "lesions, per lesion type and method (mean ± standard deviation over the "
+                 "images with that lesion), beside what a map without information scores.")
   others = [m for m in config.methods if m != "integrated_gradients"]
   extra = (f" Methods {', '.join(others)} from baseline {config.baseline}: signed maps by their "
            "positive part and, as \"(absolute)\", by their absolute value; unsigned maps as "
@@ -190,7 +222,8 @@ def localization_summary(config, data, report: Report, metrics: dict) -> None:
                    "region of the most positive neurons, the plain gradient (absolute) and a "
                    "random map (chance), scored inside the field of view against the masks."
                    + extra)
-  report.markdown_block(localization.summary_markdown(summary))
+  metrics["localization_chance"] = report_tables.localization_tables(
+      summary, data, images, field_of_view, report)
   metrics["localization"] = summary
 
 
@@ -202,7 +235,9 @@ def randomisation_check(config, data, images, loaded, report: Report, metrics: d
   model's grades for the "predicted" quantity.
   """
   count = min(config.randomisation.num_images, len(data["index"]), config.shard_size)
-  report.heading("Model-randomisation check")
+  report.heading("Model-randomisation check", about="Whether the maps depend on the trained "
+                 "weights (Adebayo et al.'s sanity check): a low rank correlation with a "
+                 "re-initialised model's maps means they do.")
   if count == 0:
     report.paragraph("Not run (config.randomisation.num_images = 0, or no image).")
     return
@@ -273,7 +308,10 @@ def _counterfactual_direction(config, data, images, logits_fn, report: Report, f
                                        settings.max_images - len(indices))
     indices += more
   report.heading(f"Counterfactuals: true grade {true_grade}, predicted {wanted}, towards "
-                 f"grade {target}", level=3)
+                 f"grade {target}", level=3,
+                 about=f"Images of grade {true_grade} graded {wanted}, moved along IG and along "
+                 f"the gradient towards grade {target}: how large a change each direction "
+                 "needs to flip the grade, and how it looks.")
   if not indices:
     report.paragraph(f"None of the {searched} images searched has true grade {true_grade} and "
                      f"prediction {wanted}, so there are no counterfactuals in this direction "
@@ -326,9 +364,9 @@ def _counterfactual_direction(config, data, images, logits_fn, report: Report, f
           "ig_grade": int(predicted[0, 0]), "gradient_grade": int(predicted[1, 0])}
   fig = counterfactuals.counterfactual_figure(x[0], np.asarray(equal.ig)[0],
                                               np.asarray(equal.gradient)[0], info=info)
-  path = _save(fig, os.path.join(folder, f"counterfactuals_{key}.png"), figures)
-  report.figure(path, f"IG and gradient counterfactuals at equal L2 budget, towards grade "
-                      f"{target}")
+  path = _save(fig, os.path.join(folder, f"counterfactuals_{key}.png"), figures, config)
+  _show(report, config, path, f"IG and gradient counterfactuals at equal L2 budget, towards "
+                              f"grade {target}")
   methods = list(sweep.methods)
   return {
       "num_images": len(indices), "searched": searched, "images": names,
@@ -468,8 +506,8 @@ def linearity_section(config, data, images, loaded, report: Report, figures: lis
     fig = linearity.hinton_figure(matrix, title=title, row_labels=[f"{c:.3g}" for c in cs],
                                   special=result.special[layer],
                                   special_label=f"special (R^2 < {settings.threshold:g})")
-    path = _save(fig, os.path.join(folder, f"linearity_{layer}.png"), figures)
-    report.figure(path, title)
+    path = _save(fig, os.path.join(folder, f"linearity_{layer}.png"), figures, config)
+    _show(report, config, path, title)
   report.table(["layer", "units", "active series", "inactive series",
                 f"linear (R^2 >= {settings.threshold:g})", "special units",
                 "median R^2 (active)", "min R^2 (active)", "median slope (active)",

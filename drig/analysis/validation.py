@@ -21,9 +21,12 @@ import re
 import ml_collections
 
 from drig import grading
+from drig.analysis import figures as figures_lib
 from drig.analysis.errors import AnalysisError
 from drig.analysis.quantity_specs import parse_quantity
+from drig.analysis import selection as selection_lib
 from drig.attribution import baselines as baselines_lib
+from drig.attribution import heatmap
 from drig.attribution import integration as ig_lib
 from drig.attribution import methods as methods_lib
 from drig.attribution import layer as layer_lib
@@ -92,17 +95,31 @@ def _sequence(config, field: str):
   return value
 
 
+def _check_baseline_distribution(config) -> None:
+  """config.baseline_distribution: a split name, count >= 1 baselines and an integer seed."""
+  split = config.baseline_distribution.split
+  if not isinstance(split, str) or not split.strip():
+    raise _bad("baseline_distribution.split", split, "a split name such as 'train'")
+  _int_at_least(config, "baseline_distribution.count", 1)
+  if not _is_int(config.baseline_distribution.seed):
+    raise _bad("baseline_distribution.seed", config.baseline_distribution.seed, "an integer")
+  if config.data.files and not config.checkpoint and not config.data.name:
+    raise _bad("methods", tuple(config.methods),
+               "methods over a distribution of baselines (expected_gradients, gradient_shap) "
+               "draw them from a data set split (config.baseline_distribution.split): with "
+               "config.data.files set config.checkpoint (its data set) or config.data.name")
+
+
 def _check_methods(config) -> None:
-  """config.methods (registered, each once, no baseline distribution) and config.baseline."""
+  """config.methods (registered, each once), config.baseline and, for methods over a
+  distribution of baselines, config.baseline_distribution."""
   names = _sequence(config, "methods")
   for name in names:
     if name not in methods_lib.METHOD_NAMES:
       raise _bad("methods", tuple(names),
                  f"names from {methods_lib.METHOD_NAMES}; {name!r} is not one")
-    if methods_lib.METHODS[name].distribution:
-      raise _bad("methods", tuple(names),
-                 f"{name!r} averages over a distribution of baselines, which the analysis job "
-                 "does not draw; call drig.attribution.attribute with a BaselineDistribution")
+  if any(methods_lib.METHODS[name].distribution for name in names):
+    _check_baseline_distribution(config)
   if len(set(names)) < len(names):
     raise _bad("methods", tuple(names), "each method once")
   baseline = config.baseline
@@ -182,6 +199,14 @@ def _check_experiments(config) -> None:
   pair = _sequence(config, "figures.pair_grades")
   if len(pair) != 2 or len({_grade(config, "figures.pair_grades", g) for g in pair}) != 2:
     raise _bad("figures.pair_grades", tuple(pair), "two different grades")
+  formats = config.figures.formats
+  try:
+    figures_lib.check_formats(formats)
+  except ValueError as e:
+    raise _bad("figures.formats", formats, f"a non-empty list of names from "
+               f"{figures_lib.FIGURE_FORMATS} ({e})") from None
+  _one_of(config, "palette", tuple(heatmap.PALETTES))
+  _int_at_least(config, "report_max_rows", 1)
   _int_at_least(config, "randomisation.num_images", 0)
   scope = config.randomisation.scope
   if not isinstance(scope, str) or not scope.strip("/ "):
@@ -245,6 +270,38 @@ def _check_layers(config, model) -> None:
         raise _bad("linearity.layers", tuple(config.linearity.layers), str(e)) from e
 
 
+def _check_selection_and_study(config) -> None:
+  """config.selection (a rule, num_images > 0 unless "first"), its pool, and config.study."""
+  try:
+    rule = selection_lib.parse_selection(config.selection)
+  except selection_lib.SelectionError as e:
+    raise _bad("selection", config.selection, str(e)) from e
+  pool = _int_at_least(config, "selection_pool", 0)
+  if rule.reads_candidates:
+    if config.num_images <= 0:
+      raise _bad("num_images", config.num_images, f"an integer >= 1 with config.selection="
+                 f"{config.selection!r} (how many of the candidates to choose)")
+    if pool and pool < config.num_images:
+      raise _bad("selection_pool", pool, f"0 (the whole split) or at least config.num_images="
+                 f"{config.num_images}")
+  study = config.study
+  if not isinstance(study.enabled, bool) or not isinstance(study.faithfulness, bool):
+    raise _bad("study.enabled", (study.enabled, study.faithfulness),
+               "study.enabled and study.faithfulness are True or False")
+  _int_at_least(config, "study.faithfulness_points", 2)
+  _int_at_least(config, "study.faithfulness_chunk", 1)
+  _int_at_least(config, "study.num_resamples", 1)
+  _int_at_least(config, "study.num_permutations", 1)
+  confidence = study.confidence
+  if not _is_number(confidence) or not 0 < confidence < 1:
+    raise _bad("study.confidence", confidence, "a number in (0, 1), e.g. 0.95")
+  references = _sequence(config, "study.references")
+  if not all(isinstance(r, str) and r for r in references):
+    raise _bad("study.references", tuple(references), "map names such as 'pixel_ig'")
+  if not isinstance(study.control, str) or not study.control:
+    raise _bad("study.control", study.control, "a map name such as 'contrast'")
+
+
 def validate_config(config) -> None:
   """Checks every field of an analysis config (configs/analyze.py) that has a valid range.
 
@@ -260,4 +317,5 @@ def validate_config(config) -> None:
   _check_attribution(config)
   _check_source(config)
   _check_experiments(config)
+  _check_selection_and_study(config)
   _check_layers(config, model_for_validation(config))

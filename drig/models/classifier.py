@@ -18,6 +18,17 @@ log P(grade = k): softmax of those is the per-grade probability itself, so
 the softmax cross-entropy trains it by maximum likelihood and every
 softmax-based quantity (``drig.attribution``'s ``probability_of_grade`` and
 friends, the metrics) works unchanged; a "logit" there is a log-probability.
+``"regression"``: one real output, the grade y (layer ``score``), trained with
+squared error (``drig.training.losses``); thresholds t_1 <= ... <= t_4 fitted
+on the validation split (``drig.training.thresholds``) give the grade, the
+number of thresholds below y. Its ``logits`` layer maps y to per-grade
+log-probabilities by the adjacent-category view around those thresholds,
+log P(k) / P(k - 1) = (y - t_k) / s with scale s (``regression_scale``, 0.25
+grades by default), so that softmax-based quantities work unchanged and the
+most probable grade is exactly the thresholded one (see
+``regression_log_probabilities``). The thresholds are the model's non-trained
+state: they live in the ``batch_stats`` collection beside BatchNorm's
+statistics, so every checkpoint carries the thresholds fitted at its step.
 """
 
 import math
@@ -30,7 +41,14 @@ import jax.numpy as jnp
 
 from drig.models import inception_v3
 
-HEADS = ("softmax", "ordinal")
+HEADS = ("softmax", "ordinal", "regression")
+
+# The regression head's output layer (the grade as a real number), before ``logits``.
+SCORE_LAYER = "score"
+# Grades per unit of log-odds between adjacent grades in the regression head's
+# probabilities: half a grade past a threshold makes the higher grade e^2 ~ 7.4
+# times as likely as the lower one.
+REGRESSION_SCALE = 0.25
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "elu": nn.elu, "tanh": jnp.tanh,
                "sigmoid": nn.sigmoid, "swish": nn.swish, "linear": lambda x: x}
@@ -59,6 +77,63 @@ def ordinal_log_probabilities(score: jax.Array, thresholds: jax.Array) -> jax.Ar
   gaps = thresholds[1:] - thresholds[:-1]
   middle = log_above[:, :-1] + log_below[:, 1:] + jnp.log(-jnp.expm1(-gaps))
   return jnp.concatenate([log_below[:, :1], middle, log_above[:, -1:]], axis=-1)
+
+
+def default_regression_thresholds(num_classes: int) -> tuple[float, ...]:
+  """0.5, 1.5, ..., num_classes - 1.5: rounding to the nearest grade."""
+  return tuple(k + 0.5 for k in range(num_classes - 1))
+
+
+def regression_log_probabilities(score: jax.Array, thresholds: jax.Array,
+                                 scale: float = REGRESSION_SCALE) -> jax.Array:
+  """log P(grade = k) [N, K] of a regression output y around thresholds t_1..t_{K-1}.
+
+  The adjacent-category logit model: log P(k) / P(k - 1) = (y - t_k) / s, i.e.
+  P(k) proportional to exp(sum_{j <= k} (y - t_j) / s). Every row is a
+  distribution (non-negative, sums to 1) for any thresholds. For
+  non-decreasing thresholds the log-odds of each grade against the one below
+  falls with the grade, so the most probable grade is exactly the number of
+  thresholds below y (ties only at y = t_k), and raising y moves probability
+  to higher grades. (The cumulative-link view, P(grade >= k) =
+  sigmoid((y - t_k) / s), does not guarantee that: with unequal gaps between
+  thresholds its most probable grade can differ from the thresholded one.)
+
+  Args:
+    score: float [N, 1] (or [N]), the predicted grade y.
+    thresholds: float [K - 1], non-decreasing.
+    scale: s > 0, in grades.
+
+  Returns:
+    float32 [N, K] log-probabilities.
+  """
+  score = jnp.asarray(score, jnp.float32).reshape(-1, 1)
+  thresholds = jnp.asarray(thresholds, jnp.float32)
+  steps = (score - thresholds[None, :]) / scale
+  cumulative = jnp.concatenate([jnp.zeros_like(score), jnp.cumsum(steps, axis=-1)], axis=-1)
+  return jax.nn.log_softmax(cumulative, axis=-1)
+
+
+class RegressionHead(nn.Module):
+  """The regression head's ``logits`` layer: y [N, 1] to log P(grade = k) [N, K].
+
+  No parameters; the thresholds are a ``batch_stats`` variable (``thresholds``),
+  initialised at 0.5, 1.5, ... and set by the trainer from the validation split
+  (``drig.training.evaluation.with_thresholds``), never by gradients.
+  """
+  num_classes: int = 5
+  scale: float = REGRESSION_SCALE
+
+  @nn.compact
+  def __call__(self, score):
+    if self.num_classes < 2:
+      raise ValueError(f"the regression head needs at least 2 grades, got num_classes="
+                       f"{self.num_classes}")
+    if not self.scale > 0:
+      raise ValueError(f"model.regression_scale must be positive, got {self.scale}")
+    thresholds = self.variable(
+        "batch_stats", "thresholds",
+        lambda: jnp.asarray(default_regression_thresholds(self.num_classes), jnp.float32))
+    return regression_log_probabilities(score, thresholds.value, self.scale)
 
 
 class OrdinalHead(nn.Module):
@@ -97,8 +172,11 @@ class DRClassifier(nn.Module):
 
   Attributes:
     num_classes: output units (5 DR grades).
-    head: a key of HEADS: "softmax" (logits) or "ordinal" (log-probabilities
-      of the cumulative-link model; see the module docstring).
+    head: a key of HEADS: "softmax" (logits), "ordinal" (log-probabilities
+      of the cumulative-link model) or "regression" (the grade as one real
+      output, layer ``score``, then log-probabilities around the fitted
+      thresholds); see the module docstring.
+    regression_scale: s of ``regression_log_probabilities`` (regression only).
     fc_widths: widths of the fully connected layers, named fc1, fc2, ...
     activation: a key of ACTIVATIONS, applied after each fully connected layer.
     dropout: dropout rate after each fully connected layer (train=True only;
@@ -109,6 +187,7 @@ class DRClassifier(nn.Module):
   """
   num_classes: int = 5
   head: str = "softmax"
+  regression_scale: float = REGRESSION_SCALE
   fc_widths: Sequence[int] = (1024, 512)
   activation: str = "relu"
   dropout: float = 0.5
@@ -123,7 +202,8 @@ class DRClassifier(nn.Module):
     super().__post_init__()
 
   def head_layer_names(self) -> tuple[str, ...]:
-    return tuple(f"fc{i + 1}" for i in range(len(self.fc_widths))) + (
+    score = (SCORE_LAYER,) if self.head == "regression" else ()
+    return tuple(f"fc{i + 1}" for i in range(len(self.fc_widths))) + score + (
         inception_v3.LOGITS_LAYER,)
 
   def layer_names(self) -> tuple[str, ...]:
@@ -182,13 +262,21 @@ class DRClassifier(nn.Module):
         stages.append((f"fc{i + 1}", lambda h, dense=dense: act(dense(h))))
       else:
         stages.append((f"fc{i + 1}", lambda h, dense=dense: act(dense(dropout(h)))))
+    top_input = dropout if self.fc_widths else (lambda h: h)
+    if self.head == "regression":
+      score = nn.Dense(1, dtype=self.dtype, param_dtype=self.param_dtype, name=SCORE_LAYER)
+      stages.append((SCORE_LAYER, lambda h: score(top_input(h)).astype(jnp.float32)))
+      grades = RegressionHead(self.num_classes, self.regression_scale,
+                              name=inception_v3.LOGITS_LAYER)
+      stages.append((inception_v3.LOGITS_LAYER, grades))
+      return inception_v3.run_stages(stages, x, start, stop,
+                                     inception_v3.layer_recorder(self, capture_layers))
     if self.head == "ordinal":
       top = OrdinalHead(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                         name=inception_v3.LOGITS_LAYER)
     else:
       top = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                      name=inception_v3.LOGITS_LAYER)
-    top_input = dropout if self.fc_widths else (lambda h: h)
     stages.append((inception_v3.LOGITS_LAYER, lambda h: top(top_input(h)).astype(jnp.float32)))
     return inception_v3.run_stages(stages, x, start, stop,
                                    inception_v3.layer_recorder(self, capture_layers))
@@ -197,12 +285,13 @@ class DRClassifier(nn.Module):
 def build_classifier(model_config) -> DRClassifier:
   """A DRClassifier from a config section (see ``configs/model.py``).
 
-  Reads ``num_classes``, ``head``, ``fc_widths``, ``activation``, ``dropout``,
+  Reads ``num_classes``, ``head``, ``regression_scale``, ``fc_widths``, ``activation``, ``dropout``,
   ``convention``, ``width_multiplier``, ``dtype`` and ``param_dtype`` (dtype
   names such as "bfloat16"); missing keys take DRClassifier's defaults.
   """
   fields = {}
-  for key in ("num_classes", "head", "activation", "dropout", "convention", "width_multiplier"):
+  for key in ("num_classes", "head", "regression_scale", "activation", "dropout", "convention",
+              "width_multiplier"):
     if key in model_config:
       fields[key] = model_config[key]
   if "fc_widths" in model_config:

@@ -134,6 +134,20 @@ def _check_unit_count(path, kind, found):
                             "the weights of another architecture?")
 
 
+def _stem_width_multiplier(tensors, convs) -> float:
+  """The width multiplier of a file's network, from its first convolution's filters.
+
+  1.0 for Keras' own files; a file of a width-scaled drig model (e.g. the tiny
+  one that the transfer tests write) has round(32 x multiplier) stem filters.
+  The other layers' shapes are then checked against that width's template.
+  """
+  filters = 32  # Conv2d_1a_3x3's, in the full-width network
+  kernel = tensors.get(f"{convs[0]}/kernel")
+  if kernel is None or np.ndim(kernel) != 4 or np.shape(kernel)[-1] == filters:
+    return 1.0
+  return np.shape(kernel)[-1] / filters
+
+
 def read_keras_h5(path: str) -> ImportedWeights:
   """Reads a legacy-layout Keras Inception-v3 HDF5 file (official ImageNet layout)."""
   path = str(path)
@@ -148,7 +162,7 @@ def read_keras_h5(path: str) -> ImportedWeights:
     num_classes = int(np.shape(tensors.get("predictions/kernel", np.zeros((0, 0))))[-1])
     name_map["params/fc/kernel"] = ("predictions/kernel", identity)
     name_map["params/fc/bias"] = ("predictions/bias", identity)
-  template = inception_template("keras", num_classes)
+  template = inception_template("keras", num_classes, _stem_width_multiplier(tensors, convs))
   variables = assemble(path, "Keras' InceptionV3", name_map, tensors, template)
   return ImportedWeights(variables, "keras_h5", path, "keras", num_classes)
 

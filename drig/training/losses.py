@@ -1,4 +1,4 @@
-"""Training losses of the 5-grade softmax head, chosen by ``config.loss``.
+"""Training losses of the grader's heads, chosen by ``config.loss`` and ``config.model.head``.
 
 The poster trains with plain softmax cross-entropy, the default. The options
 are what the diabetic-retinopathy literature uses to make a grader see the
@@ -19,8 +19,17 @@ rare early grades:
   examples count less, the hard ones (often grade 1) more. γ = 0 is the
   cross-entropy.
 
+The regression head (``config.model.head = "regression"``) outputs the grade
+as one real number y [N, 1] and is trained against the grade itself, with
+``config.loss.regression``: ``"mse"``, (y - grade)^2, or ``"smooth_l1"`` with
+``smooth_l1_beta`` β, 0.5 (y - grade)^2 / β within β of the grade and
+|y - grade| - β / 2 beyond (Huber's loss divided by β: a grader that is
+grades off on an outlier image is pulled back linearly, not quadratically).
+``class_weight_power`` weighs its examples as above; label smoothing and the
+focal loss are about class probabilities and are refused with it.
+
 Every loss is the batch mean of per-example losses, a pure function of
-(logits, labels), safe under ``jit``.
+(outputs, labels), safe under ``jit``.
 """
 
 from typing import Callable, Sequence
@@ -30,6 +39,7 @@ import jax.numpy as jnp
 import optax
 
 LOSS_NAMES = ("softmax_cross_entropy", "focal")
+REGRESSION_LOSS_NAMES = ("mse", "smooth_l1")
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -73,8 +83,31 @@ def focal_loss(logits: jax.Array, targets: jax.Array, gamma: float) -> jax.Array
   return -jnp.sum(targets * modulator * log_p, axis=-1)
 
 
-def check_loss_config(loss_config) -> None:
-  """Raises ValueError naming the field of ``config.loss`` that is out of range."""
+def smooth_l1_loss(predictions: jax.Array, targets: jax.Array, beta: float) -> jax.Array:
+  """Elementwise smooth L1: 0.5 d^2 / beta where |d| < beta, else |d| - beta / 2 (d = p - t)."""
+  return optax.huber_loss(predictions, targets, delta=beta) / beta
+
+
+def check_loss_config(loss_config, head: str = "softmax") -> None:
+  """Raises ValueError naming the field of ``config.loss`` that is out of range.
+
+  Args:
+    loss_config: ``config.loss``.
+    head: ``config.model.head``; the regression head takes
+      ``loss_config.regression`` and refuses label smoothing and the focal loss.
+  """
+  if head == "regression":
+    regression = loss_config.get("regression", "mse")
+    if regression not in REGRESSION_LOSS_NAMES:
+      raise ValueError(f"config.loss.regression must be one of {REGRESSION_LOSS_NAMES}, got "
+                       f"{regression!r}")
+    if not loss_config.get("smooth_l1_beta", 1.0) > 0:
+      raise ValueError(f"config.loss.smooth_l1_beta must be positive, got "
+                       f"{loss_config.smooth_l1_beta}")
+    if loss_config.name == "focal" or loss_config.label_smoothing:
+      raise ValueError("config.loss.name='focal' and config.loss.label_smoothing act on class "
+                       "probabilities; the regression head (config.model.head='regression') is "
+                       "trained with config.loss.regression ('mse' or 'smooth_l1') instead")
   if loss_config.name not in LOSS_NAMES:
     raise ValueError(f"config.loss.name must be one of {LOSS_NAMES}, got {loss_config.name!r}")
   if not 0.0 <= loss_config.label_smoothing < 1.0:
@@ -87,20 +120,25 @@ def check_loss_config(loss_config) -> None:
                      f"{loss_config.class_weight_power}")
 
 
-def make_loss(loss_config, class_proportions: Sequence[float], num_classes: int) -> LossFn:
-  """The batch loss ``loss(logits [N, C], labels int [N]) -> scalar`` of ``config.loss``.
+def make_loss(loss_config, class_proportions: Sequence[float], num_classes: int,
+              head: str = "softmax") -> LossFn:
+  """The batch loss ``loss(outputs, labels int [N]) -> scalar`` of ``config.loss``.
 
   Args:
     loss_config: ``config.loss``: ``name``, ``label_smoothing``,
-      ``class_weight_power``, ``focal_gamma`` (see the module docstring).
+      ``class_weight_power``, ``focal_gamma``, and for the regression head
+      ``regression`` and ``smooth_l1_beta`` (see the module docstring).
     class_proportions: the training batches' grade shares, for the weights.
-    num_classes: logits per example.
+    num_classes: grades (logits per example of the classification heads).
+    head: ``config.model.head``. The outputs are logits [N, C] for "softmax"
+      and "ordinal", the grade estimates [N, 1] (layer ``score``) for
+      "regression".
 
   Raises:
     ValueError: a field is unknown or out of range, or the proportions do not
       give one positive share per class.
   """
-  check_loss_config(loss_config)
+  check_loss_config(loss_config, head)
   if len(class_proportions) != num_classes:
     raise ValueError(f"class proportions {tuple(class_proportions)} need one share per each of "
                      f"the {num_classes} classes")
@@ -108,6 +146,9 @@ def make_loss(loss_config, class_proportions: Sequence[float], num_classes: int)
              if loss_config.class_weight_power else None)
   smoothing = float(loss_config.label_smoothing)
   name, gamma = loss_config.name, float(loss_config.focal_gamma)
+  if head == "regression":
+    return _regression_loss(loss_config.get("regression", "mse"),
+                            float(loss_config.get("smooth_l1_beta", 1.0)), weights)
 
   def loss(logits, labels):
     logits = logits.astype(jnp.float32)
@@ -121,6 +162,23 @@ def make_loss(loss_config, class_proportions: Sequence[float], num_classes: int)
       per_example = focal_loss(logits, targets, gamma)
     else:
       per_example = optax.softmax_cross_entropy(logits, targets)
+    if weights is not None:
+      per_example = per_example * weights[labels]
+    return per_example.mean()
+
+  return loss
+
+
+def _regression_loss(name: str, beta: float, weights) -> LossFn:
+  """The regression head's batch loss on its grade estimates [N, 1] (or [N])."""
+
+  def loss(scores, labels):
+    scores = scores.astype(jnp.float32).reshape(-1)
+    targets = labels.astype(jnp.float32)
+    if name == "smooth_l1":
+      per_example = smooth_l1_loss(scores, targets, beta)
+    else:
+      per_example = jnp.square(scores - targets)
     if weights is not None:
       per_example = per_example * weights[labels]
     return per_example.mean()

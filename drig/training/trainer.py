@@ -56,6 +56,7 @@ from drig.training import metrics as metrics_lib
 from drig.training import metric_writer as metric_writer_lib
 from drig.training import optimizer as optimizer_lib
 from drig.training import resume
+from drig.training import summaries as summaries_lib
 from drig.training import workdir as workdir_lib
 
 
@@ -89,8 +90,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, root_key, freeze_ba
                schedule, batch_loss: Optional[losses.LossFn] = None) -> tuple[TrainState, dict]:
   """One optimisation step on a (sharded) batch. Pure; jitted by the caller.
 
-  ``batch_loss(logits, labels)`` is the batch loss (``losses.make_loss``); None is
-  the poster's softmax cross-entropy.
+  ``batch_loss(outputs, labels)`` is the batch loss (``losses.make_loss``); None is
+  the poster's softmax cross-entropy. The outputs are the logits, or the
+  regression head's grade estimates (``evaluation.output_kwargs``).
   """
   dropout_key = prng.named_key(root_key, "dropout", state.step)
   images = grading.to_model_input(batch["image"])
@@ -99,7 +101,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, root_key, freeze_ba
   def loss_fn(params):
     logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
                                   train=True, mutable=["batch_stats"],
-                                  rngs={"dropout": dropout_key})
+                                  rngs={"dropout": dropout_key},
+                                  **evaluation.output_kwargs(model))
     logits = logits.astype(jnp.float32)
     if batch_loss is None:
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -118,7 +121,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, root_key, freeze_ba
                             opt_state=opt_state)
   step_metrics = {
       "loss": loss,
-      "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+      "accuracy": jnp.mean(evaluation.predicted_grades(model, logits, batch_stats) == labels),
       "learning_rate": schedule(state.step),
       "grad_norm": optax.global_norm(grads),
   }
@@ -224,7 +227,7 @@ def check_inputs(config) -> None:
   initialization.check_weight_source(config.init.source, config.init.path)
   check_evaluation_checkpoint(config.evaluation.checkpoint)
   evaluation.check_test_time_augmentation(config.evaluation.test_time_augmentation)
-  losses.check_loss_config(config.loss)
+  losses.check_loss_config(config.loss, config.model.get("head", "softmax"))
   if config.data.name == "eyepacs":
     # Lazy: the EyePACS builder imports TensorFlow Datasets (heavy).
     from drig.data import eyepacs  # pylint: disable=g-import-not-at-top
@@ -332,7 +335,8 @@ def _train_loop(config, workdir, is_writer, *, state, checkpoints, model, tx, sc
   total_steps = sum(config.schedule.steps)
   start_step = int(state.step)
   proportions = config.data.get("class_proportions", sampling.DEFAULT_CLASS_PROPORTIONS)
-  batch_loss = losses.make_loss(config.loss, proportions, config.model.num_classes)
+  batch_loss = losses.make_loss(config.loss, proportions, config.model.num_classes,
+                                config.model.get("head", "softmax"))
   train_step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, root_key=root_key,
                         freeze_base_steps=config.freeze_base_steps, schedule=schedule,
@@ -343,6 +347,7 @@ def _train_loop(config, workdir, is_writer, *, state, checkpoints, model, tx, sc
       test_time_augmentation=config.evaluation.test_time_augmentation))
 
   writer = metric_writer_lib.MetricWriter(workdir, enabled=is_writer)
+  summaries = summaries_lib.TrainingSummaries(config, writer, model, sources["validation"])
   train_batches = input_pipeline.train_iterator(
       sources["train"], config.data, batch_size=config.batch_size, seed=config.seed,
       start_step=start_step, process_index=jax.process_index(),
@@ -355,11 +360,18 @@ def _train_loop(config, workdir, is_writer, *, state, checkpoints, model, tx, sc
     return evaluation.predict_all(predict_fn, variables, batches, mesh)
 
   def run_eval(step, variables, split="validation", prefix="val/", label=None):
-    labels, probabilities, mask = predict_split(variables, split)
-    eval_metrics = metrics_lib.grading_metrics(labels, probabilities, mask=mask)
+    """Metrics of ``split``, its predictions, and the variables with the regression
+    head's thresholds fitted on it when it is the validation split."""
+    labels, outputs, mask = predict_split(variables, split)
+    probabilities, variables, head_metrics = evaluation.grade_probabilities(
+        model, variables, outputs, labels, mask, fit_thresholds=split == "validation")
+    eval_metrics = {**metrics_lib.grading_metrics(labels, probabilities, mask=mask),
+                    **head_metrics}
     writer.write(step, eval_metrics, prefix=prefix)
+    summaries.at_evaluation(step, prefix, eval_metrics,
+                            variables if split == "validation" else None)
     evaluation.log_grading_metrics(step, label or split, eval_metrics)
-    return eval_metrics, (labels, probabilities, mask)
+    return eval_metrics, (labels, probabilities, mask), variables
 
   eval_metrics = None
   pending = None  # (step, metrics on device) of the step dispatched last.
@@ -368,7 +380,10 @@ def _train_loop(config, workdir, is_writer, *, state, checkpoints, model, tx, sc
   progress = progress_lib.Progress(total_steps, done=start_step)
   try:
     for step in range(start_step, total_steps):
-      batch = parallel.host_local_to_global(next(train_batches), mesh)
+      host_batch = next(train_batches)
+      if step == start_step:
+        summaries.at_start(step, host_batch)
+      batch = parallel.host_local_to_global(host_batch, mesh)
       state, step_metrics = train_step_fn(state, batch)
       if step == start_step:
         jax.block_until_ready(step_metrics)
@@ -391,7 +406,11 @@ def _train_loop(config, workdir, is_writer, *, state, checkpoints, model, tx, sc
         if pending is not None:
           _check_and_log(pending, writer, config, total_steps, window_start, window_steps)
           pending = None
-        eval_metrics, _ = run_eval(done, state.variables())
+        eval_metrics, _, fitted = run_eval(done, state.variables())
+        # The regression head's thresholds fitted on this evaluation go into the
+        # checkpoint saved below, so the test split and the analysis use them.
+        if evaluation.is_regression(model):
+          state = state.replace(batch_stats=parallel.replicate(fitted["batch_stats"], mesh))
       if is_eval or done % config.checkpoint_every == 0:
         if pending is not None:
           _check_and_log(pending, writer, config, total_steps, window_start, window_steps)
@@ -402,7 +421,7 @@ def _train_loop(config, workdir, is_writer, *, state, checkpoints, model, tx, sc
     if pending is not None:
       _check_and_log(pending, writer, config, total_steps, window_start, window_steps)
     if eval_metrics is None and start_step >= total_steps:
-      eval_metrics, _ = run_eval(int(state.step), state.variables())
+      eval_metrics, _, _ = run_eval(int(state.step), state.variables())
     # The checkpoints on disk (and metrics.jsonl) are what the choice is made from.
     checkpoints.wait_until_finished()
     test_report = (_evaluate_test(config, workdir, state, restore, run_eval)
@@ -439,7 +458,7 @@ def _evaluate_test(config, workdir, state, restore, run_eval) -> dict:
   last_step = int(state.step)
   variables = state.variables() if step == last_step else restore(step).variables()
   logging.info("test split: checkpoint step %d (%s: %s)", step, which, why)
-  test_metrics, (labels, probabilities, mask) = run_eval(step, variables, "test", "test/")
+  test_metrics, (labels, probabilities, mask), _ = run_eval(step, variables, "test", "test/")
   intervals = bootstrap.bootstrap_intervals(
       labels, probabilities, mask=mask, num_resamples=config.evaluation.bootstrap_resamples,
       seed=config.evaluation.bootstrap_seed, confidence=config.evaluation.confidence)
@@ -450,8 +469,8 @@ def _evaluate_test(config, workdir, state, restore, run_eval) -> dict:
                *intervals["intervals"]["grade_1_recall"], *intervals["intervals"]["accuracy"])
   at_last_step = None
   if step != last_step:
-    at_last_step, _ = run_eval(last_step, state.variables(), "test", "test_last_step/",
-                               label="test (last step, not the chosen checkpoint)")
+    at_last_step, _, _ = run_eval(last_step, state.variables(), "test", "test_last_step/",
+                                  label="test (last step, not the chosen checkpoint)")
     at_last_step = {"step": last_step, **at_last_step}
   return {"test_checkpoint": {"step": step, "selection": str(which), "why": why},
           "test": test_metrics, "test_confidence_intervals": intervals,

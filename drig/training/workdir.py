@@ -50,6 +50,12 @@ RESUMABLE_FIELDS = (
     "evaluation.bootstrap_seed",
     "evaluation.confidence",
     "evaluation.test_time_augmentation",
+    # What TensorBoard shows beside the scalars.
+    "tensorboard.hparams",
+    "tensorboard.input_images",
+    "tensorboard.confusion_matrix",
+    "tensorboard.map_steps",
+    "tensorboard.map_grade",
 )
 
 
