@@ -21,7 +21,12 @@ import numpy as np
 from drig import grading
 
 
-def _select(labels, predictions, mask):
+def select_examples(labels, predictions, mask):
+  """Flattened ``labels`` and ``predictions`` (of equal shape) where ``mask`` (None: all).
+
+  Raises:
+    ValueError: the shapes differ.
+  """
   labels = np.asarray(labels).reshape(-1)
   predictions = np.asarray(predictions).reshape(-1)
   if labels.shape != predictions.shape:
@@ -37,7 +42,7 @@ def _select(labels, predictions, mask):
 def confusion_matrix(labels, predictions, num_classes: int = grading.NUM_GRADES,
                      mask=None) -> np.ndarray:
   """Counts [true, predicted] pairs; rows are true grades, columns predictions."""
-  labels, predictions = _select(labels, predictions, mask)
+  labels, predictions = select_examples(labels, predictions, mask)
   labels = labels.astype(np.int64)
   predictions = predictions.astype(np.int64)
   for name, values in (("labels", labels), ("predictions", predictions)):
@@ -75,7 +80,7 @@ def roc_auc(binary_labels, scores, mask=None) -> float:
   Ties in ``scores`` count one half, as in scikit-learn's ``roc_auc_score``.
   Returns NaN when only one class is present.
   """
-  binary_labels, scores = _select(binary_labels, scores, mask)
+  binary_labels, scores = select_examples(binary_labels, scores, mask)
   binary_labels = binary_labels.astype(bool)
   num_pos = int(binary_labels.sum())
   num_neg = binary_labels.size - num_pos
@@ -121,7 +126,7 @@ def grading_metrics(labels, probabilities, mask: Optional[np.ndarray] = None) ->
   if probabilities.ndim != 2:
     raise ValueError(f"probabilities must be [N, classes], got shape {probabilities.shape}")
   predictions = probabilities.argmax(-1)
-  labels_sel, predictions_sel = _select(labels, predictions, mask)
+  labels_sel, predictions_sel = select_examples(labels, predictions, mask)
   num_classes = probabilities.shape[1]
   probabilities_sel = probabilities if mask is None else probabilities[np.asarray(mask, bool)]
   confusion = confusion_matrix(labels_sel, predictions_sel, num_classes)

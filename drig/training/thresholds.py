@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from drig import grading
+from drig.training import metrics
 
 DEFAULT_THRESHOLDS = (0.5, 1.5, 2.5, 3.5)
 
@@ -95,15 +96,7 @@ def fit_thresholds(scores, labels, mask=None, *,
     ValueError: shapes differ, ``initial`` is not non-decreasing, a label is
       outside 0..K-1, or a score is not finite.
   """
-  scores = np.asarray(scores, np.float64).reshape(-1)
-  labels = np.asarray(labels).reshape(-1)
-  if scores.shape != labels.shape:
-    raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in shape")
-  if mask is not None:
-    mask = np.asarray(mask, bool).reshape(-1)
-    if mask.shape != scores.shape:
-      raise ValueError(f"mask {mask.shape} and scores {scores.shape} differ in shape")
-    scores, labels = scores[mask], labels[mask]
+  labels, scores = metrics.select_examples(labels, np.asarray(scores, np.float64), mask)
   thresholds = np.asarray(initial, np.float64).copy()
   num_classes = thresholds.size + 1
   if thresholds.ndim != 1 or np.any(np.diff(thresholds) < 0):
