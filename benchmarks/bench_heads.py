@@ -15,7 +15,7 @@ and each run's intervals; writes the same to ``OUT/results.json`` and
       --variants=softmax_ce,ordinal --out=/tmp/bench_heads            # smoke run, minutes
 
 Expected runtime: each runlocal run trains about 4-5 minutes on a 2-core CPU
-(configs/base.py), so the default (8 variants x 3 seeds) takes about 2 hours
+(configs/base.py), so the default (9 variants x 3 seeds) takes about 1.5-2 hours
 there, and minutes on an accelerator. Finished runs are reused: a variant's
 workdir that already holds ``final_metrics.json`` is read, not retrained.
 """
@@ -33,6 +33,7 @@ VARIANTS = {
     "softmax_ce": {},
     "label_smoothing_0.1": {"loss.label_smoothing": 0.1},
     "balanced_sqrt": {"loss.class_weight_power": 0.5},
+    "balanced_full": {"loss.class_weight_power": 1.0},
     "focal_2": {"loss.name": "focal", "loss.focal_gamma": 2.0},
     "ordinal": {"model.head": "ordinal"},
     "ordinal_dihedral_tta": {"model.head": "ordinal",

@@ -46,6 +46,9 @@ ARGS = {
                    "images stratified by lesion type, 5 methods, faithfulness curves; about "
                    "12 min on a 2-core CPU (an estimate from the runlocal analysis's rate, "
                    "not measured)",
+    "study_idrid": "the lesion study on IDRiD's 81 expert-annotated photographs (part A, "
+                   "train+test): give checkpoint (a 256 px grader), data.data_dir and "
+                   "data.manual_dir (docs/idrid.md); every method; needs an accelerator",
 }
 
 
@@ -97,7 +100,8 @@ def get_config(arg=None):
   config.batch_groups = 0
   config.storage_dtype = "float16"  # maps in the shards: float16 (scaled) or float32
   # Attribution methods per image and quantity (drig.attribution.METHOD_NAMES, default
-  # options): "integrated_gradients" is the pixel IG above (always computed); each other
+  # options but those built on IG, which integrate at config.steps with config.method:
+  # drig.analysis.attributor.job_method_options): "integrated_gradients" is the pixel IG above (always computed); each other
   # is stored as map.METHOD.QUANTITY and scored for localisation beside it ("grad_cam" at
   # config.layer).
   config.methods = ("integrated_gradients",)
@@ -107,8 +111,8 @@ def get_config(arg=None):
   # The baselines of "expected_gradients" and "gradient_shap" (loaded only when one of them is
   # in config.methods): `count` images of the analysed data set's split `split`, drawn without
   # replacement from named_key(PRNGKey(seed), "baseline_distribution"), preprocessed like the
-  # analysed images; the same on every process. Expected gradients costs count x 50 gradient
-  # evaluations per image and quantity (gradient_shap: 5).
+  # analysed images; the same on every process. Expected gradients costs count x config.steps
+  # gradient evaluations per image and quantity (gradient_shap: 5).
   config.baseline_distribution = ml_collections.ConfigDict()
   config.baseline_distribution.split = "train"  # the training run's data set
   config.baseline_distribution.count = 16
@@ -155,10 +159,30 @@ def get_config(arg=None):
   config.study.confidence = 0.95
   config.study.num_resamples = 2000
   config.study.num_permutations = 10000
+  # Lesion types of the inspected layer's top positive units (drig.analysis.unit_types):
+  # each unit's share of active-region mass per lesion type, its enrichment over the type's
+  # area, which units are specific to a type, and per-type maps. It needs the k individual
+  # regions of the localisation quantity: with config.neurons="unit" on exact receptive-field
+  # crops they are computed anyway (no cost); otherwise (channels, or tolerance > 0) each
+  # path step pulls back 2 * top_k + 1 cotangents instead of 3.
+  config.study.unit_types = False
 
   config.randomisation = ml_collections.ConfigDict()
   config.randomisation.num_images = 2
   config.randomisation.scope = "all"  # "all" or "head"
+  # Adebayo et al.'s cascade: the same images' maps as the layers are re-initialised one by
+  # one from the logits down to the stem (drig/analysis/cascade.py). Each stage costs one
+  # attribution of num_images images per method.
+  config.randomisation.cascade = False
+  config.randomisation.cascade_methods = ("integrated_gradients", "saliency")
+  config.randomisation.max_stages = 0  # 0: every layer; else that many, evenly spaced
+  config.randomisation.calibrate = True  # re-estimate re-initialised BatchNorm statistics
+  # Adebayo et al.'s data randomisation: a drig.train workdir of the same architecture
+  # trained on shuffled labels (configs/base.py:*_shuffled_labels, its latest checkpoint);
+  # its maps of the same num_images images, pixel IG and each single-baseline method of
+  # config.methods, are rank-correlated with the trained model's
+  # (drig/analysis/data_randomisation.py). "": off.
+  config.randomisation.data_checkpoint = ""
 
   config.counterfactuals = ml_collections.ConfigDict()
   config.counterfactuals.max_images = 4  # of true grade 1 predicted 0
@@ -221,19 +245,35 @@ def get_config(arg=None):
     # The study's scores, tables and report section on every tiny run (its curves are
     # compiled programs of their own, so they stay off here).
     config.study.enabled = True
+    config.study.unit_types = True  # top_k 4: 9 cotangents per step instead of 3
+    config.randomisation.cascade = True
+    config.randomisation.max_stages = 3
     config.model = model_config.get_model_config("tiny")
-  elif arg in ("study", "study_local"):
+  elif arg in ("study", "study_local", "study_idrid"):
     # One quantity (the predicted grade, the one scored) and no host-0 experiments but
     # Fig (a): the study's cost is the attributions, the scores and the curves.
     config.quantities = ("predicted",)
     config.selection = "stratified:lesion"
     config.study.enabled = True
     config.study.faithfulness = True
-    config.randomisation.num_images = 0
+    config.study.unit_types = True
+    # The sanity check: the cascade (every layer in the full study) on one shard of images.
+    config.randomisation.num_images = 4
+    config.randomisation.cascade = True
+    config.randomisation.cascade_methods = ("integrated_gradients", "saliency",
+                                            "input_x_gradient", "smoothgrad")
     config.counterfactuals.max_images = 0
     config.linearity.num_images = 0
-    if arg == "study":
-      config.num_images = 512
+    if arg == "study_idrid":
+      # Every annotated image: 54 train + 27 test (an empty mask, e.g. a type the experts did
+      # not annotate, scores NaN and is left out of that type's n).
+      config.data.name = "idrid"
+      config.data.builder_config = "segmentation-256"  # segmentation-512 for a 512 px grader
+      config.data.split = "train+test"
+      config.num_images = 81
+      config.selection = "first"
+    if arg in ("study", "study_idrid"):
+      config.num_images = 512 if arg == "study" else config.num_images
       config.methods = ("integrated_gradients", "saliency", "input_x_gradient", "smoothgrad",
                         "smoothgrad_sq", "vargrad", "expected_gradients", "gradient_shap",
                         "blur_ig", "guided_ig", "grad_cam", "occlusion", "xrai")
@@ -247,4 +287,5 @@ def get_config(arg=None):
       config.methods = ("integrated_gradients", "saliency", "input_x_gradient", "smoothgrad",
                         "grad_cam")
       config.figures.num_images = 2
+      config.randomisation.max_stages = 8
   return config

@@ -2,6 +2,8 @@ r"""The poster's training recipe, on the embedded synthetic fundus data.
 
   python -m drig.train --config=configs/base.py --workdir=workdirs/base
   python -m drig.train --config=configs/base.py:runlocal --workdir=workdirs/runlocal
+  python -m drig.train --config=configs/base.py:runlocal_shuffled_labels \
+      --workdir=workdirs/runlocal_shuffled_labels
 
 Recipe (Li et al.): Inception-v3 base without its top, two fully connected
 layers, a 5-way softmax; class-balanced batches with grades 0-4 in the ratio
@@ -23,7 +25,14 @@ seconds. ``imagenet_h5`` (the full size from Keras' ImageNet weights): an
 estimate of about 5 minutes on one H100/H200 GPU (docs/scaling.md: 2.5-7 s of
 compute for the 1395 steps; compilation, input, evaluations and checkpoints
 make the rest), plus a one-time generation of synthetic_fundus/default on the
-host's CPUs if it is not prepared yet; not measured.
+host's CPUs if it is not prepared yet; not measured. ``runlocal_shuffled_labels``
+and ``tiny_shuffled_labels`` cost what ``runlocal`` and ``tiny`` cost (the same
+model, steps and data; only the train split's labels are permuted).
+
+Shuffled labels (``config.data.shuffle_labels``, the ``*_shuffled_labels``
+arguments: the base argument with that one field set): the model for Adebayo
+et al.'s data-randomisation check, which the analysis compares with the
+properly trained one (``configs/analyze.py``, ``randomisation.data_checkpoint``).
 
 Transfer from ImageNet: ``imagenet_h5`` reads Keras' notop Inception-v3 file
 from ``config.init.path`` (default ``IMAGENET_H5_PATH``) through
@@ -48,6 +57,10 @@ ARGS = {
     "runlocal": "the demo on a 2-core CPU: quarter-width Inception-v3 at 128 px on "
                 "synthetic_fundus/runlocal, schedule scaled to 40% (558 steps), about 4 min",
     "tiny": "tests: a minimal model on synthetic_fundus/tiny, 10 steps, seconds",
+    "runlocal_shuffled_labels": "runlocal trained on a random permutation of the train "
+                                "labels (data.shuffle_labels), for the data-randomisation "
+                                "check; about 4 min",
+    "tiny_shuffled_labels": "tests: tiny with data.shuffle_labels; seconds",
     "imagenet_h5": "the full size initialised from Keras' ImageNet Inception-v3 h5 (notop) "
                    f"at config.init.path ({IMAGENET_H5_PATH}); needs an accelerator: about "
                    "5 min on one H100/H200 (estimate)",
@@ -58,10 +71,17 @@ ARGS = {
 
 # The data and model sections of each argument (configs/data.py, configs/model.py).
 _SECTION_ARGS = {"imagenet_h5": "", "imagenet_h5_tiny": "tiny"}
+# Arguments that are another argument's config trained on shuffled labels.
+_SHUFFLED_LABELS_ARGS = {"runlocal_shuffled_labels": "runlocal",
+                         "tiny_shuffled_labels": "tiny"}
 
 
 def get_config(arg=None):
   arg = configs.resolve_arg("configs/base.py", ARGS, arg)
+  if arg in _SHUFFLED_LABELS_ARGS:
+    config = get_config(_SHUFFLED_LABELS_ARGS[arg])
+    config.data.shuffle_labels = True
+    return config
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -73,6 +93,11 @@ def get_config(arg=None):
   config.data.test_split = "test"
   # Per-batch share of grades 0-4: 50 / 6.25 / 12.5 / 6.25 / 25 %.
   config.data.class_proportions = (8, 1, 2, 1, 4)
+  # Adebayo et al.'s data randomisation: train on a random permutation of the train
+  # split's labels (seeded from config.seed; each grade keeps its count, so the balanced
+  # batches stay balanced); validation and test keep the true labels. A model that
+  # learns nothing transferable, whose maps the analysis compares with a trained one's.
+  config.data.shuffle_labels = False
   config.data.augment = ml_collections.ConfigDict()
   config.data.augment.flip = True
   config.data.augment.rotate = True           # any angle; the retina is a disc

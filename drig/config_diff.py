@@ -16,15 +16,21 @@ def flat_items(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     yield prefix.rstrip("."), tree
 
 
-def config_differences(old: Mapping, new: Mapping, *, ignore=()) -> list[str]:
+def config_differences(old: Mapping, new: Mapping, *, ignore=(),
+                       absent: Mapping | None = None) -> list[str]:
   """``"field: old -> new"`` for each leaf that differs, fields sorted.
 
   Args:
     old: the stored config, a nested dict (e.g. ``json.load``ed).
     new: the new config, a nested dict.
     ignore: dotted field names that may differ.
+    absent: dotted field name -> the value that a field missing from ``old``
+      stands for (a field added to the config after ``old`` was written, with
+      the value that behaves as the code did before it existed).
   """
   old_flat, new_flat = dict(flat_items(old)), dict(flat_items(new))
+  for field, value in (absent or {}).items():
+    old_flat.setdefault(field, value)
   return [f"{k}: {old_flat.get(k, '<absent>')!r} -> {new_flat.get(k, '<absent>')!r}"
           for k in sorted(set(old_flat) | set(new_flat))
           if k not in ignore and old_flat.get(k) != new_flat.get(k)]

@@ -47,7 +47,9 @@ from drig.input.errors import InputPipelineError
 
 _log = logging.getLogger(__name__)
 
-_TRAIN_KEYS = ("image", "label")
+# Training reads only the image: the label comes from the labels the sampler balances
+# (train_iterator's ``labels``), so a run on permuted labels trains on what it balances.
+_TRAIN_KEYS = ("image",)
 
 # grain's random-access datasets have a length; training streams are this many
 # steps long, which no run reaches.
@@ -133,7 +135,9 @@ def train_iterator(source, data_config: Mapping[str, Any] | None = None, *, batc
       default ``sampling.DEFAULT_CLASS_PROPORTIONS``, the poster's 8:1:2:1:4.
     seed: non-negative integer; the same seed gives the same batches.
     start_step: first step to produce (resume a run here).
-    labels: the labels of ``source``; default ``labels.load_labels(source)``.
+    labels: the label of every example of ``source``, which the sampler balances and
+      the batches carry; default ``labels.load_labels(source)``. A permutation of them
+      (``labels.permuted_labels``) trains on shuffled labels.
     process_index: this host; default ``jax.process_index()``.
     process_count: number of hosts; default ``jax.process_count()``.
     augment: ``augmentation.Augmentation``, a mapping of its fields
@@ -173,9 +177,9 @@ def train_iterator(source, data_config: Mapping[str, Any] | None = None, *, batc
   sampler = sampling.BalancedSampler(labels, batch_size, proportions, seed)
   if start_step < 0:
     raise InputPipelineError(f"start_step must be >= 0, got {start_step}")
-  reader = _lean_source(source, ("image", "label"))
-  return _train_batches(reader, sampler, rows, augmentation, image_dtype, int(start_step),
-                        prefetch, _default_threads(num_threads), workers)
+  reader = _lean_source(source, _TRAIN_KEYS)
+  return _train_batches(reader, sampler, np.asarray(labels), rows, augmentation, image_dtype,
+                        int(start_step), prefetch, _default_threads(num_threads), workers)
 
 
 class _TrainExample:
@@ -186,14 +190,17 @@ class _TrainExample:
   process or a resumed run.
   """
 
-  def __init__(self, reader, sampler, rows: slice, augmentation):
+  def __init__(self, reader, sampler, labels: np.ndarray, rows: slice, augmentation):
     self.reader, self.sampler, self.rows, self.augmentation = reader, sampler, rows, augmentation
+    self.labels = labels
     self.local = rows.stop - rows.start
 
   def __call__(self, position: int) -> dict:
     step, local_row = divmod(int(position), self.local)
     row = self.rows.start + local_row
-    example = _read_example(self.reader, self.sampler(step)[row], _TRAIN_KEYS)
+    index = self.sampler(step)[row]
+    example = _read_example(self.reader, index, _TRAIN_KEYS)
+    example["label"] = np.asarray(self.labels[index])
     example["image"] = augmentation_lib.augment_image(example["image"], self.augmentation,
                                                       seed=self.sampler.seed, step=step, row=row)
     return example
@@ -248,11 +255,11 @@ def _iterate(dataset):
       close()
 
 
-def _train_batches(reader, sampler, rows, augmentation, image_dtype, start_step, prefetch_depth,
-                   num_threads, workers):
+def _train_batches(reader, sampler, labels, rows, augmentation, image_dtype, start_step,
+                   prefetch_depth, num_threads, workers):
   local = rows.stop - rows.start
   examples = grain.MapDataset.range(start_step * local, _MAX_STEPS * local).map(
-      _TrainExample(reader, sampler, rows, augmentation))
+      _TrainExample(reader, sampler, labels, rows, augmentation))
   return _iterate(_batched(examples, local, image_dtype, prefetch_depth, num_threads, workers))
 
 

@@ -102,14 +102,17 @@ def test_shards_hold_maps_equal_to_the_registry_with_the_same_baselines_and_key(
     stored = shards_lib.decode_map(data, shards_lib.method_map_key(name, "predicted"))
     expected = np.asarray(methods.attribute(
         name, quantity=quantity, x=x, baseline=baselines_lib.BaselineDistribution(baselines),
-        key=attribution_key))
+        key=attribution_key, options=attributor.job_method_options(config, name)))
     assert stored.shape == x.shape and np.abs(expected).max() > 0
     np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max(),
                                err_msg=name)
   # Completeness: the stored gap is sum(EG) - (F(x) - mean_k F(b_k)), which is the
   # mean of the K integrated-gradients gaps that the IG engine reports.
-  _, ig_gaps = gradients.expected_gradients(quantity, x, baselines,
-                                            **methods.method_options("expected_gradients"))
+  # Each baseline's path at the job's config.steps (4 in the tiny config), not the default 50.
+  options = attributor.job_method_options(config, "expected_gradients")
+  assert options["steps"] == config.steps == 4
+  _, ig_gaps = gradients.expected_gradients(
+      quantity, x, baselines, **methods.method_options("expected_gradients", options))
   np.testing.assert_allclose(data["map_gap.expected_gradients.predicted"], ig_gaps,
                              atol=1e-5 + 1e-3 * np.abs(np.asarray(ig_gaps)).max())
   forward = jax.jit(lambda fn, z: fn(z))

@@ -43,6 +43,9 @@ BAD_VALUES = [
     ("counterfactuals.target_grade", 5), ("counterfactuals.budget", "linf"),
     ("counterfactuals.cs", (100.0, -1.0)), ("linearity.count", 1),
     ("linearity.factor", 0.0), ("linearity.layers", ("fc9",)),
+    ("randomisation.max_stages", 1), ("randomisation.cascade_methods", ("gradient_shap",)),
+    ("randomisation.cascade_methods", ("ig",)),
+    ("randomisation.data_checkpoint", "/nonexistent/shuffled_labels_run"),
 ]
 
 
@@ -67,6 +70,9 @@ def test_data_files_matching_nothing_is_named(tmp_path):
 def test_the_shipped_configs_are_valid():
   validation.validate_config(_config())
   validation.validate_config(analyze_config.get_config(""))
+  for arg in ("study", "study_local", "study_idrid"):  # their checkpoints are the user's
+    validation.validate_config(helpers.apply_overrides(analyze_config.get_config(arg),
+                                                       {"checkpoint": ""}))
   validation.validate_config(_config(method="trapezoid", steps=2, neurons="channel",
                                      **{"counterfactuals.budget": "coefficient"}))
 

@@ -28,6 +28,7 @@ from drig import grading
 from drig import parallel
 from drig.analysis import attributor
 from drig.analysis import errors
+from drig.analysis import images as images_lib
 from drig.analysis import job
 from drig.analysis import model_source
 from drig.analysis import quantity_specs
@@ -112,7 +113,8 @@ def test_shards_have_the_documented_keys_and_shapes(finished):
     assert s[f"negative_resultant.{q}"].shape == (2, 80, 80)
     assert s[f"top_positive.{q}"].shape == (2, 4) and s[f"top_negative.{q}"].shape == (2, 4)
     assert s[f"layer_channels.{q}"].shape == (2, channels)
-    assert s[f"region_gaps.{q}"].shape == (2, 2)
+    # The study's unit types integrate the localisation quantity's 2k read-outs one by one.
+    assert s[f"region_gaps.{q}"].shape == (2, 8 if q == "predicted" else 2)
     # Units (the default neurons): distinct flat indices, most positive (negative) first.
     for sign, order in (("positive", -1), ("negative", 1)):
       units, scores = s[f"top_{sign}.{q}"], s[f"top_{sign}_scores.{q}"]
@@ -144,6 +146,15 @@ def test_report_figures_and_metrics(finished):
   assert metrics["num_images"] == 6
   assert "localization" in metrics and "pixel_ig" in metrics["localization"]
   assert len(metrics["randomisation_rank_correlation"]) == 1
+  # The tiny config's cascade: 3 stages from the logits to the stem, both methods, 1 image.
+  cascade = metrics["randomisation_cascade"]
+  assert cascade["layers"][0] == "logits" and cascade["layers"][-1] == "base/Conv2d_1a_3x3"
+  assert len(cascade["layers"]) == 3 and cascade["images"] == 1
+  assert set(cascade["maps"]) == {"integrated_gradients", "saliency"}
+  assert all(len(m["per_image"]) == 3 and len(m["per_image"][0]) == 1
+             for m in cascade["maps"].values())
+  assert "cascading_randomisation.png" in {os.path.basename(p) for p in result.figures}
+  assert "Cascading randomisation" in open(result.report["markdown"], encoding="utf-8").read()
   assert "linearity" in metrics
   names = {os.path.basename(p) for p in result.figures}
   assert {"fig_a_000.png", "fig_a_001.png", "fig_b.png", "linearity_fc1.png"} <= names
@@ -398,6 +409,19 @@ def test_per_image_grade_reads_each_images_grade_at_any_points_per_image():
                                                       chunk_size=1)
   np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(parts_gap, whole_gap, rtol=1e-5, atol=1e-7)
+  # Error-controlled IG mixes images in one call (3 points per call here): each image
+  # still reads its own grade, so its IG sums to its own grade's change and matches a
+  # fine fixed-step IG of that grade alone.
+  auto = attribution.integrated_gradients(quantity, x, baseline, steps="auto", tolerance=1e-3,
+                                          max_steps=256, chunk_size=3)
+  assert np.asarray(auto.converged).all()
+  for n, grade in enumerate(predictions):
+    own = attribution.probability_of_grade(logits_fn, int(grade))
+    change = float(own(x[n:n + 1])[0] - own(jnp.broadcast_to(baseline, x[n:n + 1].shape))[0])
+    assert abs(float(np.sum(auto.attributions[n])) - change) <= 1e-3 * abs(change) + 1e-7
+    fine, _ = attribution.integrated_gradients(own, x[n:n + 1], baseline, steps=512)
+    np.testing.assert_allclose(auto.attributions[n:n + 1], fine, rtol=0,
+                               atol=2e-3 * np.abs(fine).sum())
 
 
 def test_batch_groups_only_where_the_path_cannot_be_split(monkeypatch):
@@ -585,3 +609,50 @@ def test_report_shows_integration_accuracy(finished):
                                 data["pixel_relative_gap.grade_4"] <= 0.01)
   assert metrics["images_above_tolerance.grade_4"] == [int(data["index"][i]) for i in above]
   np.testing.assert_array_equal(data["pixel_steps.grade_4"], 4)  # the tiny config's fixed steps
+
+
+def test_joined_splits_read_each_split_in_order(setup):
+  data_config = base_config.get_config("tiny").data
+  data_config.data_dir = setup["data_dir"]
+  validation_images = images_lib.DatasetImages(data_config, "validation", 0)
+  test_images = images_lib.DatasetImages(data_config, "test", 0)
+  joined = images_lib.DatasetImages(data_config, "validation+test", 0)
+  assert len(joined) == len(validation_images) + len(test_images)
+  boundary = len(validation_images)
+  for index, (images, own) in {0: (validation_images, 0),
+                               boundary - 1: (validation_images, boundary - 1),
+                               boundary: (test_images, 0),
+                               len(joined) - 1: (test_images, len(test_images) - 1)}.items():
+    a, b = joined.read(index), images.read(own)
+    np.testing.assert_array_equal(a.image, b.image)
+    assert a.label == b.label and a.index == index
+  with pytest.raises(errors.AnalysisError, match="no split 'tset'"):
+    images_lib.DatasetImages(data_config, "validation+tset", 0)
+  with pytest.raises(errors.AnalysisError, match="twice"):
+    images_lib.DatasetImages(data_config, "test+test", 0)
+
+
+def test_shards_and_report_carry_the_units_lesion_types(finished):
+  workdir, result = finished
+  shards = _shard_arrays(workdir)
+  s = shards[0]
+  record = json.loads(str(s["study.unit_types"]))
+  types = record["types"]
+  assert types[-1] == "any_lesion" and record["quantity"] == "predicted"
+  channels = s["layer_channels.predicted"].shape[1]
+  # Units are grouped by channel: the flat unit index modulo the layer's channels.
+  np.testing.assert_array_equal(s["study.unit_channels"], s["top_positive.predicted"] % channels)
+  assert s["study.unit_type_share"].shape == (2, 4, len(types))
+  assert s["study.type_area_share"].shape == (2, len(types))
+  shares = s["study.unit_type_share"]
+  defined = shares[np.isfinite(shares)]
+  assert defined.size and np.all((defined >= -1e-6) & (defined <= 1 + 1e-6))
+  metrics = json.loads(open(result.report["metrics"], encoding="utf-8").read())
+  units = metrics["study"]["unit_types"]["table"]["units"]
+  merged = np.concatenate([shard["study.unit_channels"] for shard in shards])
+  assert set(units) == {str(c) for c in np.unique(merged)}
+  for unit, row in units.items():
+    assert row["images"] == int((merged == int(unit)).any(axis=1).sum())
+  text = open(result.report["markdown"], encoding="utf-8").read()
+  assert "Lesion types of the units" in text
+  assert "study_unit_types.png" in {os.path.basename(p) for p in result.figures}

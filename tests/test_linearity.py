@@ -277,6 +277,16 @@ def test_hinton_figure_shows_both_colours():
   np.testing.assert_allclose(areas, np.sort(magnitudes.ravel() / magnitudes.max()), rtol=1e-6)
   with pytest.raises(linearity.LinearityError):
     linearity.hinton_figure(np.zeros(3))
+  # The colour-blind palette: blue squares for, orange against, no green or red.
+  fig = linearity.hinton_figure(matrix, max_units=32, palette="colorblind")
+  buffer = io.BytesIO()
+  FigureCanvasAgg(fig).print_png(buffer)
+  buffer.seek(0)
+  pixels = matplotlib.image.imread(buffer)[..., :3]
+  blue = (pixels[..., 2] > 0.6) & (pixels[..., 0] < 0.1) & (np.abs(pixels[..., 1] - 0.447) < 0.1)
+  orange = (pixels[..., 0] > 0.8) & (np.abs(pixels[..., 1] - 0.624) < 0.1) & (pixels[..., 2] < 0.1)
+  green = (pixels[..., 1] > 0.5) & (pixels[..., 0] < 0.2) & (pixels[..., 2] < 0.2)
+  assert blue.sum() > 100 and orange.sum() > 100 and green.sum() == 0
 
 
 def test_hinton_figure_marks_special_units_and_has_a_legend():

@@ -144,3 +144,12 @@ def test_tensorboard_settings_may_change_on_resume(tmp_path):
   with pytest.raises(workdir_lib.ConfigMismatchError, match="seed"):
     workdir_lib.check_config(str(tmp_path), helpers.apply_overrides(
         base_config.get_config("tiny"), {"tensorboard.map_steps": 16, "seed": 1}))
+
+
+def test_a_run_written_before_a_field_existed_resumes_with_its_neutral_value(tmp_path):
+  stored = json.loads(base_config.get_config("tiny").to_json_best_effort())
+  del stored["data"]["shuffle_labels"]  # as a config.json written before the field
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  workdir_lib.check_config(str(tmp_path), base_config.get_config("tiny"))
+  with pytest.raises(workdir_lib.ConfigMismatchError, match="data.shuffle_labels"):
+    workdir_lib.check_config(str(tmp_path), base_config.get_config("tiny_shuffled_labels"))

@@ -24,6 +24,7 @@ from drig import grading
 from drig import parallel
 from drig import prng
 from drig.analysis import localization
+from drig.analysis import unit_types as unit_types_lib
 from drig.analysis.errors import AnalysisError
 from drig.analysis.model_source import LoadedModel, ModelLogits
 from drig.analysis.quantity_specs import make_quantity, parse_quantity
@@ -83,6 +84,20 @@ def integration_arguments(config, chunk: int) -> dict:
     return dict(steps="auto", tolerance=config.tolerance, max_steps=config.max_steps,
                 chunk_size=config.chunk_size if config.chunk_size > 0 else None)
   return dict(steps=config.steps, method=config.method, chunk_size=chunk)
+
+
+def job_method_options(config, name: str) -> Optional[dict]:
+  """The job's options for method ``name``: those built on IG (expected gradients, noise
+  tunnels of IG) integrate each path at config.steps with config.method, as the job's
+  fixed-step pixel IG does; other methods keep their defaults (None).
+
+  Error control (config.tolerance) applies to the pixel IG and its read-outs only: a
+  path average of K baselines or noise draws is not one integral to bound.
+  """
+  defaults = methods_lib.METHODS[name].defaults
+  if "steps" in defaults and "method" in defaults:
+    return {"steps": config.steps, "method": config.method}
+  return None
 
 
 def accuracy_arrays(config, q: str, analysis, indices: np.ndarray) -> dict:
@@ -229,9 +244,18 @@ class ShardAttributor:
     for spec in self.quantities:
       preds = parallel.replicate(jnp.asarray(predictions), self.mesh)
       layer_quantity = make_quantity(spec, from_layer, preds)
+      # The individual regions only where the study's unit-type measure needs them.
+      unit_types = (masks is not None and config.study.enabled
+                    and config.study.get("unit_types", False)
+                    and spec.key == parse_quantity(config.localization.quantity).key)
       analysis = active_regions_lib.lesion_detection(
           to_layer, layer_quantity, x, baseline, k=self.k, by=config.neurons,
-          individual_regions=False, **integration_arguments(config, chunk))
+          individual_regions=unit_types, **integration_arguments(config, chunk))
+      if unit_types:
+        out.update(unit_types_lib.shard_unit_arrays(
+            np.asarray(analysis.positive_regions), analysis.top.positive,
+            analysis.top.positive_scores, analysis.layer.channels.shape[-1], masks,
+            field_of_view, quantity=spec.key, layer=config.layer, neurons=config.neurons))
       quantity = make_quantity(spec, logits_fn, preds)
       # drig.attribution.gradients' program: shared with the gradient methods below.
       gradient = gradients_lib.gradient(quantity, x)
@@ -246,7 +270,7 @@ class ShardAttributor:
       for name in self.methods:
         stored[method_map_key(name, q)] = methods_lib.attribute(
             name, quantity=quantity, x=x, baseline=distributions.get(name, baseline), key=key,
-            split_model=(to_layer, layer_quantity))
+            split_model=(to_layer, layer_quantity), options=job_method_options(config, name))
         if name in distributions:
           gaps[f"map_gap.{name}.{q}"] = distribution_gap(
               stored[method_map_key(name, q)], quantity, x, self.baseline_distribution)

@@ -65,23 +65,33 @@ class ImageSet:
 
 
 class DatasetImages(ImageSet):
-  """A split of a TFDS data set prepared by drig (synthetic_fundus, eyepacs, ...)."""
+  """A split of a TFDS data set prepared by drig (synthetic_fundus, eyepacs, ...).
+
+  ``split`` may join splits with "+" ("train+test": IDRiD's 54 + 27 annotated
+  images); indices then run through the splits in that order.
+  """
 
   def __init__(self, data_config, split: str, num_images: int):
     try:
       builder = datasets.load_builder_from_config(data_config, prepare=False)
     except datasets.DatasetNotPreparedError as e:
       raise AnalysisError(f"{e}") from e
-    if split not in builder.info.splits:
-      raise AnalysisError(f"data set {builder.info.full_name} has no split {split!r}; splits: "
-                          f"{sorted(builder.info.splits)}")
-    self.source = builder.as_data_source(split)
+    names = [part.strip() for part in split.split("+")]
+    for name in names:
+      if name not in builder.info.splits:
+        raise AnalysisError(f"data set {builder.info.full_name} has no split {name!r}; "
+                            f"splits: {sorted(builder.info.splits)}")
+    if len(set(names)) != len(names):
+      raise AnalysisError(f"config.data.split {split!r} names a split twice")
+    self.sources = [builder.as_data_source(name) for name in names]
+    # Where each split's indices start in the joined index.
+    self.offsets = np.cumsum([0] + [len(source) for source in self.sources])
     features = builder.info.features
     self.has_masks = "masks" in features
     self.mask_names = tuple(features["masks"].keys()) if self.has_masks else ()
     self.has_photo = "photo" in features
     self.image_size = int(features["image"].shape[0])
-    total = len(self.source)
+    total = int(self.offsets[-1])
     self.length = total if num_images <= 0 else min(num_images, total)
     self.description = f"{builder.info.full_name} split {split!r}: {self.length} of {total}"
 
@@ -89,7 +99,8 @@ class DatasetImages(ImageSet):
     return self.length
 
   def read(self, index: int):
-    example = self.source[index]
+    part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+    example = self.sources[part][index - int(self.offsets[part])]
     name = example.get("name", str(index))
     if isinstance(name, bytes):
       name = name.decode("utf-8", "replace")

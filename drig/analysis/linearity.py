@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drig.attribution.integration import half_gray_baseline, Operands
+from drig.attribution import heatmap
 from drig.attribution import layer as layer_lib
 from drig.attribution import quantities
 
@@ -67,6 +68,8 @@ DEFAULT_CONSTANT_RTOL = 1e-5  # a few float32 roundings of the attributions: no 
 DEFAULT_SPACE = "logit"
 DEFAULT_THRESHOLD = 0.9
 PIXELS_PER_MODEL_UNIT = 127.5  # model input = pixel / 127.5 - 1
+# The poster palette's squares: a darker green and red than the heat maps', which read
+# better as solid areas on the diagram's gray; "colorblind" uses heatmap.PALETTES as is.
 GREEN = (0.0, 0.7, 0.0)
 RED = (0.85, 0.0, 0.0)
 SPECIAL_EDGE = (0.1, 0.1, 0.6)
@@ -403,8 +406,10 @@ def layer_summary(result: LinearityResult, layer: str) -> dict:
 
 def hinton_figure(matrix, *, title: str = "", row_labels: Sequence[str] | None = None,
                   max_units: int = 48, column_labels: Sequence[str] | None = None,
-                  special: Sequence[int] = (), special_label: str = "special unit"):
-  """Hinton diagram of attributions: square area ~ |value|, green positive, red negative.
+                  special: Sequence[int] = (), special_label: str = "special unit",
+                  palette: str = heatmap.DEFAULT_PALETTE):
+  """Hinton diagram of attributions: square area ~ |value|, green positive, red negative
+  (blue and orange with palette="colorblind").
 
   Args:
     matrix: [C, U], rows are the cs (e.g. one image's attributions, or a mean
@@ -418,6 +423,7 @@ def hinton_figure(matrix, *, title: str = "", row_labels: Sequence[str] | None =
     special: unit indices (columns of matrix) to mark: an outlined column and a
       bold "*" label.
     special_label: the legend's name for the marked units.
+    palette: "poster" or "colorblind" (``drig.attribution.heatmap.PALETTES``).
 
   Returns:
     A matplotlib.figure.Figure (object API, no pyplot state). Areas share one
@@ -433,6 +439,10 @@ def hinton_figure(matrix, *, title: str = "", row_labels: Sequence[str] | None =
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
   from matplotlib.patches import Patch, Rectangle  # pylint: disable=g-import-not-at-top
+  if palette == heatmap.DEFAULT_PALETTE:
+    positive, negative = GREEN, RED
+  else:
+    positive, negative = (tuple(float(v) for v in c) for c in heatmap.palette_colors(palette))
   m = np.asarray(matrix, np.float64)
   if m.ndim != 2:
     raise LinearityError(f"hinton_figure expects a matrix [C, U], got shape {m.shape}")
@@ -458,7 +468,7 @@ def hinton_figure(matrix, *, title: str = "", row_labels: Sequence[str] | None =
       if sides[r, u] > 0:
         s = sides[r, u]
         squares.append(Rectangle((u - s / 2, r - s / 2), s, s))
-        colors.append(GREEN if m[r, u] > 0 else RED)
+        colors.append(positive if m[r, u] > 0 else negative)
   width = min(14.0, max(6.0, 0.26 * m.shape[1] + 3.5))
   fig = Figure(figsize=(width, max(3.0, 0.34 * m.shape[0] + 2.2)), layout="constrained")
   ax = fig.add_subplot()
@@ -480,7 +490,7 @@ def hinton_figure(matrix, *, title: str = "", row_labels: Sequence[str] | None =
   ax.set_yticklabels(row_labels, fontsize=9)
   ax.set_xlabel("unit" + (f" (* = {special_label})" if marked_columns else ""), fontsize=10)
   ax.set_ylabel("c", fontsize=10)
-  handles = [Patch(color=GREEN, label="positive"), Patch(color=RED, label="negative")]
+  handles = [Patch(color=positive, label="positive"), Patch(color=negative, label="negative")]
   if marked_columns:
     handles.append(Patch(facecolor="none", edgecolor=SPECIAL_EDGE, linewidth=1.5,
                          label=special_label))

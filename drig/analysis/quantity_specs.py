@@ -84,6 +84,11 @@ class PerImageGrade:
     weights = jnp.repeat(weights, batch // n, axis=0)
     return jnp.sum(probabilities * weights, axis=-1)
 
+  def at_rows(self, rows) -> "PerImageGrade":
+    """The quantity of a batch whose row i is a point of image rows[i] (the adaptive
+    engine's calls mix images: drig.attribution.adaptive.for_rows)."""
+    return PerImageGrade(self.logits_fn, jnp.take(jnp.asarray(self.weights), rows, axis=0))
+
   def tree_flatten(self):
     return (self.logits_fn, self.weights), None
 

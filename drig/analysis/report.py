@@ -22,6 +22,8 @@ from absl import logging
 import numpy as np
 
 from drig import files
+from drig.analysis import cascade
+from drig.analysis import data_randomisation
 from drig.analysis import report_sections as sections
 from drig.analysis import study as study_lib
 from drig.analysis import report_tables
@@ -161,6 +163,10 @@ def finish(config, workdir: str, result, loaded, images, field_of_view):
                    figures, folder, metrics)
     _run_section("randomisation", sections.randomisation_check, report, errors, config, data,
                  images, loaded, report, metrics)
+    _run_section("data_randomisation", data_randomisation.report_section, report, errors,
+                 config, data, images, loaded, report, metrics)
+    _run_section("cascade", cascade.report_section, report, errors, config, data, images,
+                 loaded, report, figures, folder, metrics)
     _run_section("counterfactuals", sections.counterfactual_section, report, errors, config,
                  data, images, loaded, report, figures, folder, metrics)
     _run_section("linearity", sections.linearity_section, report, errors, config, data, images,

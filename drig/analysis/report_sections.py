@@ -505,7 +505,8 @@ def linearity_section(config, data, images, loaded, report: Report, figures: lis
     title = f"{layer}: unit attributions against c (image 0, {label})"
     fig = linearity.hinton_figure(matrix, title=title, row_labels=[f"{c:.3g}" for c in cs],
                                   special=result.special[layer],
-                                  special_label=f"special (R^2 < {settings.threshold:g})")
+                                  special_label=f"special (R^2 < {settings.threshold:g})",
+                                  palette=config.palette)
     path = _save(fig, os.path.join(folder, f"linearity_{layer}.png"), figures, config)
     _show(report, config, path, title)
   report.table(["layer", "units", "active series", "inactive series",

@@ -22,7 +22,8 @@ mask (``drig.analysis.study_scores``); this module turns those records into
   their paired differences against the random-order control (deletion: lower
   is better; insertion: higher is better);
 * ``study_markdown`` and ``metric_figure`` (methods x lesion types with CI bars),
-  and ``report_section``, the report's "Lesion study".
+  and ``report_section``, the report's "Lesion study" (with config.study.unit_types,
+  its subsection on the units' lesion types, ``drig.analysis.unit_types``).
 
 Everything but the figures is numpy and dicts, seeded: the same records and
 seed give the same tables.
@@ -40,6 +41,7 @@ import numpy as np
 from drig import statistics
 from drig.analysis import figures as figures_lib
 from drig.analysis import study_scores
+from drig.analysis import unit_types
 
 # The study compares every map with these, when they were scored.
 DEFAULT_REFERENCES = ("pixel_ig", "gradient (absolute)", "contrast")
@@ -450,4 +452,8 @@ def report_section(config, data: Mapping, report, figures: list, folder: str,
     figures.append(path)
     report.figure(path, "Lesion study: mean deletion and insertion curves per map "
                         "(dashed: the contrast and random-order controls)")
+  if study.get("unit_types", False):
+    units = unit_types.report_subsection(config, data, report, figures, folder)
+    if units is not None:
+      result["unit_types"] = units
   metrics["study"] = result

@@ -189,6 +189,12 @@ def _check_source(config) -> None:
       raise _bad("data.files", config.data.files, "a glob that matches files")
   elif not isinstance(config.data.split, str) or not config.data.split.strip():
     raise _bad("data.split", config.data.split, "a split name such as 'test'")
+  shuffled = config.randomisation.data_checkpoint
+  if shuffled and not os.path.isfile(os.path.join(os.path.expanduser(shuffled), "config.json")):
+    raise _bad("randomisation.data_checkpoint", shuffled,
+               "a drig training workdir (with config.json) of a run on shuffled labels, e.g. "
+               "python -m drig.train --config=configs/base.py:runlocal_shuffled_labels "
+               "--workdir=DIR")
 
 
 def _check_experiments(config) -> None:
@@ -211,6 +217,14 @@ def _check_experiments(config) -> None:
   scope = config.randomisation.scope
   if not isinstance(scope, str) or not scope.strip("/ "):
     raise _bad("randomisation.scope", scope, "'all', 'head' or a parameter path")
+  stages = config.randomisation.max_stages
+  if not _is_int(stages) or stages < 0 or stages == 1:
+    raise _bad("randomisation.max_stages", stages,
+               "0 (every layer) or at least 2 (the cascade's first and last stages)")
+  for name in _sequence(config, "randomisation.cascade_methods"):
+    if name not in methods_lib.METHOD_NAMES or methods_lib.METHODS[name].distribution:
+      raise _bad("randomisation.cascade_methods", tuple(config.randomisation.cascade_methods),
+                 f"single-baseline method names of drig.attribution.methods; {name!r} is not one")
   _int_at_least(config, "counterfactuals.max_images", 0)
   _int_at_least(config, "counterfactuals.search_images", 0)
   _grade(config, "counterfactuals.target_grade", config.counterfactuals.target_grade)

@@ -339,9 +339,23 @@ def finish(end, start, integral, change):
   return attributions, totals - change
 
 
+def for_rows(f: Callable, rows) -> Callable:
+  """``f`` for a batch whose point i belongs to image ``rows[i]``.
+
+  One call of the adaptive engine mixes the points of several images in any
+  proportion, so a quantity that reads per-image data (such as each image's
+  own predicted grade, drig.analysis.quantity_specs.PerImageGrade) cannot infer
+  the images from the batch size as it can on fixed-step integration's
+  image-major layout. Such a quantity implements ``at_rows(rows)``, returning
+  the quantity of exactly those rows; any other f is returned as it is.
+  """
+  at_rows = getattr(f, "at_rows", None)
+  return f if at_rows is None else at_rows(rows)
+
+
 def scalar_value_and_gradient(f, points, rows):
   """evaluate for one scalar quantity f: [B] -> ([B, 1], [B, 1, ...])."""
-  del rows
+  f = for_rows(f, rows)
   acc = _accumulation_dtype(points)
   values, pullback = jax.vjp(lambda p: f(p).astype(acc), points)
   (grads,) = pullback(jnp.ones_like(values))

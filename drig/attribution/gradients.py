@@ -338,7 +338,8 @@ def gradient_shap(f: Callable, x, baselines, *, key=None, samples: int = 5, indi
     raise AttributionArgumentError(f"indices must be in [0, {k}) (K = {k} baselines)")
   indices = jnp.asarray(indices, jnp.int32)
   operands = Operands(f)
-  total = jnp.zeros(x.shape, ig_lib.accumulation_dtype(x))
+  # zeros_like keeps x's sharding: every step then sees the same input layout (one compile).
+  total = jnp.zeros_like(x, dtype=ig_lib.accumulation_dtype(x))
   for s in range(samples):
     total = _shap_step(operands, x, baselines, indices[:, s], alphas[:, s], total)
   return total / samples

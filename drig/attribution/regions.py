@@ -402,6 +402,7 @@ def _pixels_and_readouts_values(operands, points, rows):
   """evaluate for drig.attribution.adaptive: q and the read-outs [B, 1 + K] and
   their pixel gradients [B, 1 + K, ...x], from one forward pass of to_layer."""
   to_layer, from_layer, cotangents = operands
+  from_layer = adaptive.for_rows(from_layer, rows)
   acc = accumulation_dtype(points)
   activations, vjp = jax.vjp(to_layer, points)
   quantity, quantity_vjp = jax.vjp(lambda a: from_layer(a).astype(acc), activations)

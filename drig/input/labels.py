@@ -2,7 +2,9 @@
 
 Training needs every label up front to group examples by class
 (``sampling.BalancedSampler``); ``load_labels`` reads them cheaply and caches
-them beside a TFDS data set.
+them beside a TFDS data set. ``permuted_labels`` shuffles them for the
+data-randomisation sanity check (a model trained on labels unrelated to its
+inputs).
 """
 
 import logging
@@ -12,6 +14,7 @@ import threading
 import time
 
 from etils import epath
+import jax
 import numpy as np
 
 from drig.data import tf_runtime
@@ -61,6 +64,32 @@ def load_labels(source, *, key: str = "label", cache: bool = True) -> np.ndarray
       _write_label_cache(path, labels)
     return labels
   return np.asarray([int(source[i][key]) for i in range(len(source))], np.int64)
+
+
+def permuted_labels(labels, key: jax.Array) -> np.ndarray:
+  """The labels in a random order drawn from ``key``: Adebayo et al.'s data randomisation.
+
+  Each example gets the label of another; every class keeps its count, so the
+  class-balanced sampler fills its batches as with the true labels, but which
+  images carry a grade no longer depends on what they show.
+
+  Args:
+    labels: int ``[N]``, every example's true label.
+    key: a JAX random key (e.g. ``drig.prng.named_key(root, "shuffle_labels")``);
+      the same key gives the same permutation on every host and machine.
+
+  Returns:
+    int64 ``[N]``: ``labels[permutation]``.
+
+  Raises:
+    InputPipelineError: labels that are not a 1-D integer array.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise InputPipelineError(
+        f"labels must be a 1-D integer array, got dtype {labels.dtype} shape {labels.shape}")
+  order = np.asarray(jax.random.permutation(key, labels.shape[0]))
+  return labels[order].astype(np.int64)
 
 
 def is_tfds_source(source) -> bool:

@@ -45,6 +45,7 @@ from drig import parallel
 from drig import progress as progress_lib
 from drig import prng
 from drig.data import datasets
+from drig.input import labels as labels_lib
 from drig.input import sampling
 from drig.models import classifier
 from drig.models import initialization
@@ -149,6 +150,30 @@ def load_sources(data_config, *, prepare: bool) -> dict:
   if test_split and test_split in builder.info.splits:
     sources["test"] = builder.as_data_source(test_split)
   return sources
+
+
+def training_labels(config, source) -> np.ndarray:
+  """The labels the run trains on: the train split's, or a permutation of them.
+
+  With ``config.data.shuffle_labels`` (Adebayo et al.'s data-randomisation
+  check) they are ``labels.permuted_labels`` with the key named
+  "shuffle_labels" of ``config.seed``: the same on every host and on resuming,
+  each class keeping its count. Only the train split is shuffled; validation
+  and test keep their true labels, so their metrics show what the model learnt
+  that transfers.
+
+  Args:
+    config: the training config (``seed``, ``data.shuffle_labels``).
+    source: the train split's random-access source.
+
+  Returns:
+    int64 ``[len(source)]``.
+  """
+  labels = labels_lib.load_labels(source)
+  if not config.data.get("shuffle_labels", False):
+    return labels
+  key = prng.named_key(jax.random.key(config.seed), "shuffle_labels")
+  return labels_lib.permuted_labels(labels, key)
 
 
 # --------------------------------------------------------------------------- #
@@ -348,9 +373,16 @@ def _train_loop(config, workdir, is_writer, *, state, checkpoints, model, tx, sc
 
   writer = metric_writer_lib.MetricWriter(workdir, enabled=is_writer)
   summaries = summaries_lib.TrainingSummaries(config, writer, model, sources["validation"])
+  train_labels = training_labels(config, sources["train"])
+  shuffled_labels = bool(config.data.get("shuffle_labels", False))
+  if shuffled_labels:
+    logging.info("data.shuffle_labels: training on a random permutation of the train split's "
+                 "labels (%d of %d examples relabelled); validation and test keep the true "
+                 "labels", int(np.sum(train_labels != labels_lib.load_labels(sources["train"]))),
+                 len(train_labels))
   train_batches = input_pipeline.train_iterator(
       sources["train"], config.data, batch_size=config.batch_size, seed=config.seed,
-      start_step=start_step, process_index=jax.process_index(),
+      start_step=start_step, labels=train_labels, process_index=jax.process_index(),
       process_count=jax.process_count())
 
   def predict_split(variables, split):
@@ -432,7 +464,8 @@ def _train_loop(config, workdir, is_writer, *, state, checkpoints, model, tx, sc
     close = getattr(train_batches, "close", None)
     if close is not None:
       close()
-  final = {"step": int(state.step), "validation": eval_metrics}
+  final = {"step": int(state.step), "shuffled_train_labels": shuffled_labels,
+           "validation": eval_metrics}
   final.update(test_report or {"test": None})
   if is_writer:
     with open(os.path.join(workdir, "final_metrics.json"), "w", encoding="utf-8") as f:

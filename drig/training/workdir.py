@@ -34,6 +34,10 @@ LOCK_FILE = "LOCK"
 # else (the model, data set, schedule, optimiser, seed, init) must match, or
 # the checkpoints would not fit the config or the resumed run would differ
 # from the run its checkpoints come from.
+# Fields added to the training config after runs were written without them: the value a
+# config.json without the field stands for (the one that trains as the run did).
+ADDED_FIELDS = {"data.shuffle_labels": False}
+
 RESUMABLE_FIELDS = (
     "log_every",
     "eval_every",
@@ -94,7 +98,8 @@ def check_config(workdir: str, config) -> None:
   except (OSError, ValueError) as e:
     raise ConfigMismatchError(f"{path} cannot be read ({e}); this workdir's config is unknown. "
                               "Use a new --workdir, or delete this one to restart.") from e
-  diffs = config_differences(stored, config_record(config), ignore=RESUMABLE_FIELDS)
+  diffs = config_differences(stored, config_record(config), ignore=RESUMABLE_FIELDS,
+                             absent=ADDED_FIELDS)
   if diffs:
     shown = "; ".join(diffs[:12]) + (f"; and {len(diffs) - 12} more" if len(diffs) > 12 else "")
     raise ConfigMismatchError(
