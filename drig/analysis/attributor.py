@@ -114,12 +114,12 @@ def accuracy_arrays(config, q: str, analysis, indices: np.ndarray) -> dict:
     return np.abs(gap) / np.maximum(np.abs(change), 1e-12)
 
   relative = relative_gap(analysis.pixels, analysis.pixel_gap)
+  layer_relative = relative_gap(analysis.layer.units, analysis.layer.gap)
   n = relative.shape[0]
   if analysis.steps is None:
     pixel_steps = layer_steps = np.full((n,), config.steps, np.int32)
     pixel_converged = relative <= adaptive_lib.DEFAULT_TOLERANCE
-    layer_converged = (relative_gap(analysis.layer.units, analysis.layer.gap)
-                       <= adaptive_lib.DEFAULT_TOLERANCE)
+    layer_converged = layer_relative <= adaptive_lib.DEFAULT_TOLERANCE
   else:
     pixel_steps, pixel_converged = np.asarray(analysis.steps), np.asarray(analysis.converged)
     layer_steps = np.asarray(analysis.layer.steps)
@@ -127,11 +127,13 @@ def accuracy_arrays(config, q: str, analysis, indices: np.ndarray) -> dict:
   real = np.asarray(indices) >= 0
   above = real & ~(pixel_converged & layer_converged)
   if above.any():
-    logging.warning("%s: %d image(s) above the tolerance %g (indices %s; pixel relative gaps "
-                    "%s)", q, int(above.sum()),
+    # An image is listed when its pixel IG or its layer IG did not converge.
+    logging.warning("%s: %d image(s) above the tolerance %g (indices %s; relative gaps of "
+                    "pixel IG %s; of layer IG %s)", q, int(above.sum()),
                     config.tolerance if config.tolerance > 0 else adaptive_lib.DEFAULT_TOLERANCE,
                     np.asarray(indices)[above].tolist(),
-                    ", ".join(f"{r:.3g}" for r in relative[above]))
+                    ", ".join(f"{r:.3g}" for r in relative[above]),
+                    ", ".join(f"{r:.3g}" for r in layer_relative[above]))
   return {f"pixel_relative_gap.{q}": relative.astype(np.float32),
           f"pixel_steps.{q}": np.asarray(pixel_steps, np.int32),
           f"pixel_converged.{q}": np.asarray(pixel_converged, bool),
