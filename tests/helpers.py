@@ -100,3 +100,24 @@ def decode_image_event(image_event):
   assert pixels is not None
   assert (image_event.height, image_event.width) == pixels.shape[:2]
   return pixels
+
+
+def write_tiny_analysis_run(root):
+  """The tiny synthetic data set under ``root``/tfds and a drig.train workdir ``root``/train
+  whose step-3 checkpoint holds write_trained_run's random weights. Returns the workdir."""
+  import os  # pylint: disable=g-import-not-at-top
+  from configs import base as base_config  # pylint: disable=g-import-not-at-top
+  from drig.data import datasets  # pylint: disable=g-import-not-at-top
+  from drig.models import checkpoints  # pylint: disable=g-import-not-at-top
+
+  root = str(root)
+  train_config = base_config.get_config("tiny")
+  train_config.data.data_dir = os.path.join(root, "tfds")
+  datasets.load_builder_from_config(train_config.data)
+  weights, train_dir = os.path.join(root, "weights"), os.path.join(root, "train")
+  os.makedirs(weights)
+  variables, _ = write_trained_run(weights)
+  checkpoints.save_variables(os.path.join(train_dir, "checkpoints", "3", "default"), variables)
+  with open(os.path.join(train_dir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(train_config.to_json_best_effort(indent=2))
+  return train_dir

@@ -5,11 +5,13 @@ constant map its chance level; strata get equal counts; the contrast control is
 |x - baseline| by hand; intervals and sign-flip p-values of constant and
 exactly enumerable paired differences; the percentile bootstrap against numpy
 redrawing the same documented indices. One shard's study arrays on a linear
-model of 16 px images (a compile of a second or two).
+model of 16 px images (a compile of a second or two). The study_local config end to end on
+the tiny data set and model (about a minute and a half on 2 cores).
 """
 
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +19,13 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
 
+import helpers  # tests/helpers.py
 from configs import analyze as analyze_configs
+from configs import model as model_config
 from drig import preprocess
 from drig.analysis import controls
 from drig.analysis import images as images_lib
+from drig.analysis import job
 from drig.analysis import localization as loc
 from drig.analysis import selection
 from drig.analysis import study
@@ -196,6 +201,42 @@ def test_study_configs_are_sized_as_documented():
   assert local.checkpoint == "workdirs/runlocal"
   for config in (full, local):
     validation._check_selection_and_study(config)  # pylint: disable=protected-access
+
+
+def test_study_local_config_runs_end_to_end_on_tiny_data(tmp_path):
+  """configs/analyze.py:study_local as shipped (selection, methods, faithfulness curves, unit
+  types, cascade), sized down to the tiny data set and model."""
+  config = analyze_configs.get_config("study_local")
+  config.checkpoint = helpers.write_tiny_analysis_run(tmp_path)
+  config.model = model_config.get_model_config("tiny")
+  helpers.apply_overrides(config, {
+      "num_images": 4, "shard_size": 2, "selection_pool": 15, "tolerance": 0.0, "steps": 4,
+      "top_k": 4, "figures.num_images": 1, "randomisation.num_images": 1,
+      "randomisation.max_stages": 2, "randomisation.cascade_methods": ["integrated_gradients"],
+      "study.num_resamples": 100, "study.num_permutations": 100,
+      "study.faithfulness_points": 3})
+  result = job.run_analysis(config, str(tmp_path / "analysis"))
+  with open(result.report["metrics"], encoding="utf-8") as f:
+    metrics = json.load(f)
+  assert metrics["section_errors"] == {}
+  results = metrics["study"]
+  assert results["n_images"] == 4
+  scored = set(results["localization"]["relevance_mass"])
+  assert {"pixel_ig", "active_regions", "contrast", "random"} <= scored
+  for method in config.methods[1:]:
+    assert any(name.startswith(method) for name in scored), method
+  areas = results["faithfulness"]["deletion"]
+  assert {"pixel_ig", "grad_cam", "contrast", "random"} <= set(areas)
+  assert results["unit_types"]["record"]["layer"] == config.layer
+  assert metrics["randomisation_cascade"]["layers"] == ["logits", "base/Conv2d_1a_3x3"]
+  with open(result.report["markdown"], encoding="utf-8") as f:
+    text = f.read()
+  for heading in ("Lesion study", "Faithfulness", "Lesion types of the units",
+                  "Cascading randomisation"):
+    assert heading in text, heading
+  names = {os.path.basename(p) for p in result.figures}
+  assert {"study_relevance_mass.png", "study_faithfulness.png", "study_unit_types.png",
+          "cascading_randomisation.png"} <= names
 
 
 # ------------------------------------------------------------------------------
