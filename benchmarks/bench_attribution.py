@@ -511,7 +511,6 @@ def _matmul_rates(n=2048, reps=5):
 
 
 def part_flops(drig, captum):
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   del captum
   from drig.attribution import integration as ig_lib  # pylint: disable=g-import-not-at-top

@@ -59,10 +59,11 @@ def write_trained_run(run_dir, seed=0):
 
 def write_fundus_photo(path, seed=3, grade=3, size=256):
   """A synthetic fundus photograph of ``grade`` written as a JPEG at ``path``."""
+  from drig.data import synthetic_examples  # pylint: disable=g-import-not-at-top
   from drig.data import synthetic_fundus  # pylint: disable=g-import-not-at-top
   image, _ = synthetic_fundus.render_fundus(seed, grade=grade, size=size)
   with open(path, "wb") as f:
-    f.write(synthetic_fundus.encode_jpeg(image, 92))
+    f.write(synthetic_examples.encode_jpeg(image, 92))
   return str(path)
 
 

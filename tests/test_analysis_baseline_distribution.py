@@ -34,7 +34,6 @@ from drig.attribution import baselines as baselines_lib
 from drig.attribution import gradients
 from drig.attribution import methods
 from drig.data import datasets
-from drig.models import checkpoints
 
 DISTRIBUTION_METHODS = ("expected_gradients", "gradient_shap")
 COUNT = 2
@@ -45,21 +44,16 @@ def run(tmp_path_factory):
   """The tiny data set, a training workdir (random weights, its data set's directory) and one
   finished analysis job."""
   root = tmp_path_factory.mktemp("baseline_distribution")
+  train_dir = helpers.write_tiny_analysis_run(root)
   train_config = base_config.get_config("tiny")
   train_config.data.data_dir = str(root / "tfds")
   builder = datasets.load_builder_from_config(train_config.data)
-  train_dir = root / "train"
-  os.makedirs(root / "weights")
-  # He-scaled random weights filled by numpy (nothing compiled), saved as drig.train's step 3.
-  variables, _ = helpers.write_trained_run(str(root / "weights"))
-  checkpoints.save_variables(str(train_dir / "checkpoints" / "3" / "default"), variables)
-  (train_dir / "config.json").write_text(train_config.to_json_best_effort(indent=2))
   config = _config(str(train_dir))
   workdir = str(root / "analysis")
   result = job.run_analysis(config, workdir)
   data = shards_lib.load_shards(sorted(glob.glob(os.path.join(workdir, "shards", "*.npz"))))
   return {"config": config, "builder": builder, "result": result, "data": data,
-          "train_dir": str(train_dir), "root": root}
+          "train_dir": train_dir, "root": root}
 
 
 def _config(train_dir, **overrides):

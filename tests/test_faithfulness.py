@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from drig.analysis import faithfulness
-from drig.attribution import integration
+from drig.attribution import arguments
 
 
 @jax.tree_util.register_pytree_node_class
@@ -91,5 +91,5 @@ def test_bad_arguments_are_named(linear_case):
     faithfulness.curves(f, x, baseline, contributions[:, :3])
   with pytest.raises(faithfulness.FaithfulnessError, match="NaN"):
     faithfulness.curves(f, x, baseline, np.full_like(contributions, np.nan))
-  with pytest.raises(integration.AttributionArgumentError):
+  with pytest.raises(arguments.AttributionArgumentError):
     faithfulness.curves(f, x, np.zeros((1, 2, 2, 2)), contributions)

@@ -12,6 +12,7 @@ from configs import data as data_configs
 from drig.data import datasets
 from drig.data import lesions
 from drig import preprocess
+from drig.data import synthetic_examples as examples
 from drig.data import synthetic_fundus as sf
 
 LESIONS = lesions.LESION_NAMES
@@ -122,19 +123,19 @@ def test_render_rejects_bad_arguments():
 
 
 def test_allocate_counts_known_answers():
-  assert sf.allocate_counts(10, [1, 1, 1, 1, 1]).tolist() == [2, 2, 2, 2, 2]
+  assert examples.allocate_counts(10, [1, 1, 1, 1, 1]).tolist() == [2, 2, 2, 2, 2]
   # Equal remainders go to the lower grades first.
-  assert sf.allocate_counts(7, [1, 1, 1, 1, 1]).tolist() == [2, 2, 1, 1, 1]
-  assert sf.allocate_counts(15, sf.KAGGLE_TRAIN_COUNTS, min_count=3).tolist() == [3] * 5
+  assert examples.allocate_counts(7, [1, 1, 1, 1, 1]).tolist() == [2, 2, 1, 1, 1]
+  assert examples.allocate_counts(15, sf.KAGGLE_TRAIN_COUNTS, min_count=3).tolist() == [3] * 5
   # Shares 6.8, 1.7, 1.5: floors 6+1+1, the largest remainders (.8, .7) get the two left.
-  assert sf.allocate_counts(10, [68, 17, 15]).tolist() == [7, 2, 1]
+  assert examples.allocate_counts(10, [68, 17, 15]).tolist() == [7, 2, 1]
   with pytest.raises(ValueError):
-    sf.allocate_counts(10, [1, 1, 1, 1, 1], min_count=3)
+    examples.allocate_counts(10, [1, 1, 1, 1, 1], min_count=3)
 
 
 @pytest.mark.parametrize("total", [10_000, 2_000, 997])
 def test_allocate_counts_matches_kaggle_proportions(total):
-  counts = sf.allocate_counts(total, sf.KAGGLE_TRAIN_COUNTS, min_count=3)
+  counts = examples.allocate_counts(total, sf.KAGGLE_TRAIN_COUNTS, min_count=3)
   exact = total * np.array(sf.KAGGLE_TRAIN_COUNTS) / sum(sf.KAGGLE_TRAIN_COUNTS)
   assert counts.sum() == total
   assert (np.abs(counts - exact) < 1).all(), (counts, exact)
@@ -142,31 +143,31 @@ def test_allocate_counts_matches_kaggle_proportions(total):
 
 def test_split_labels_and_example_seeds():
   counts = [5, 1, 2, 1, 3]
-  labels = sf.split_labels(0, "train", counts)
+  labels = examples.split_labels(0, "train", counts)
   assert np.bincount(labels, minlength=5).tolist() == counts
-  assert (labels == sf.split_labels(0, "train", counts)).all()
-  assert not (labels == sf.split_labels(1, "train", counts)).all()
-  state = lambda *a: sf.example_seed(*a).generate_state(4).tolist()
+  assert (labels == examples.split_labels(0, "train", counts)).all()
+  assert not (labels == examples.split_labels(1, "train", counts)).all()
+  state = lambda *a: examples.example_seed(*a).generate_state(4).tolist()
   assert state(0, "train", 3) == state(0, "train", 3)
   assert len({str(state(0, "train", 3)), str(state(0, "test", 3)), str(state(0, "train", 4)),
               str(state(1, "train", 3))}) == 4
 
 
 def test_examples_do_not_depend_on_generation_order():
-  spec = sf.ExampleSpec(seed=7, photo_size=128, image_size=64)
+  spec = examples.ExampleSpec(seed=7, photo_size=128, image_size=64)
   jobs = [("train", 0, 2), ("train", 1, 0), ("test", 0, 4)]
-  forward = [sf.make_example(spec, *job, encode=False) for job in jobs]
-  backward = [sf.make_example(spec, *job, encode=False) for job in reversed(jobs)][::-1]
+  forward = [examples.make_example(spec, *job, encode=False) for job in jobs]
+  backward = [examples.make_example(spec, *job, encode=False) for job in reversed(jobs)][::-1]
   for a, b in zip(forward, backward):
     assert a["photo"] == b["photo"] and (a["image"] == b["image"]).all()
 
 
 def test_example_masks_line_up_with_the_preprocessed_lesions():
   """In the model input, lesions change pixels where the masks say they are."""
-  spec = sf.ExampleSpec(seed=1, photo_size=384, image_size=192, jpeg_quality=(95, 95))
+  spec = examples.ExampleSpec(seed=1, photo_size=384, image_size=192, jpeg_quality=(95, 95))
   for index in range(3):
-    example = sf.make_example(spec, "train", index, 3, encode=False)
-    clean = sf.make_example(spec, "train", index, 3, encode=False, draw_lesions=False)
+    example = examples.make_example(spec, "train", index, 3, encode=False)
+    clean = examples.make_example(spec, "train", index, 3, encode=False, draw_lesions=False)
     masks = example["masks"]
     union = _lesion_union(masks)
     assert union.any()
@@ -183,15 +184,16 @@ def test_example_masks_line_up_with_the_preprocessed_lesions():
 
 def test_grade_1_microaneurysms_survive_in_the_model_input():
   """Every microaneurysm of a grade-1 photograph is in the input's mask, and visible there."""
-  spec = sf.ExampleSpec(seed=0, photo_size=256, image_size=128)  # synthetic_fundus/runlocal's sizes
+  # synthetic_fundus/runlocal's sizes.
+  spec = examples.ExampleSpec(seed=0, photo_size=256, image_size=128)
   fov = preprocess.field_of_view(spec.image_size)
   contrasts = []
   for index in range(8):
-    example = sf.make_example(spec, "test", index, 1, encode=False)
-    clean = sf.make_example(spec, "test", index, 1, encode=False, draw_lesions=False)
-    render_seq, _ = sf.example_seed(spec.seed, "test", index).spawn(2)
+    example = examples.make_example(spec, "test", index, 1, encode=False)
+    clean = examples.make_example(spec, "test", index, 1, encode=False, draw_lesions=False)
+    render_seq, _ = examples.example_seed(spec.seed, "test", index).spawn(2)
     _, photo_masks = sf.render_fundus(render_seq, 1, size=spec.photo_size)
-    geometry = preprocess.find_retina(sf.decode_image(example["photo"]))
+    geometry = preprocess.find_retina(examples.decode_image(example["photo"]))
     scale = spec.image_size / geometry.diameter
     count, components = cv2.connectedComponents(photo_masks["microaneurysm"].astype(np.uint8))
     assert count - 1 >= 1
@@ -268,7 +270,7 @@ def test_builder_splits_and_exact_class_counts(prepared):
     assert builder.info.splits[split].num_examples == n
     assert summary.counts[split] == config.class_counts(split).tolist()
     assert min(summary.counts[split]) >= 3
-  assert summary.counts["train"] == sf.allocate_counts(40, sf.KAGGLE_TRAIN_COUNTS, 3).tolist()
+  assert summary.counts["train"] == examples.allocate_counts(40, sf.KAGGLE_TRAIN_COUNTS, 3).tolist()
 
 
 def test_builder_data_source_examples(prepared):
@@ -285,11 +287,11 @@ def test_builder_data_source_examples(prepared):
     for mask in example["masks"].values():
       assert mask.shape == (80, 80) and mask.dtype == np.bool_
     # Worker processes made exactly what this process makes for (seed, split, index).
-    expected = sf.make_example(spec, "train", index, int(example["label"]), encode=False)
+    expected = examples.make_example(spec, "train", index, int(example["label"]), encode=False)
     assert (example["image"] == expected["image"]).all()
     for name in lesions.MASK_NAMES:
       assert (example["masks"][name] == expected["masks"][name]).all(), name
-    assert (example["photo"] == sf.decode_image(expected["photo"])).all()
+    assert (example["photo"] == examples.decode_image(expected["photo"])).all()
     # Outside the field of view the input is half gray and the masks are empty.
     assert (example["image"][0, 0] == 128).all()
     assert not any(m[0, 0] for m in example["masks"].values())

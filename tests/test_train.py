@@ -231,7 +231,7 @@ def test_resume_after_kill_equals_uninterrupted_run(data_dir, tmp_path):
   resumed = subprocess.run(_train_command(killed, data_dir), cwd=ROOT, env=env,
                            capture_output=True, text=True)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"resumed from" in resumed.stderr
+  assert "resumed from" in resumed.stderr
   _assert_trees_equal(_read_checkpoint(killed / "checkpoints" / "24"),
                       _read_checkpoint(reference / "checkpoints" / "24"))
 

@@ -9,7 +9,6 @@ import pytest
 
 from drig import attribution
 from drig.attribution import receptive_field
-from drig.attribution import regions as active_regions_lib
 from drig.models.inception_v3 import InceptionV3
 
 

@@ -229,7 +229,7 @@ def test_summary_markdown_and_figure():
   result = unit_types.summary(data, num_resamples=200, num_permutations=100)
   assert result["specific"] == {"7": A}
   text = unit_types.unit_types_markdown(result["table"], result["type_maps"])
-  assert f"| 7 | 12 |" in text and "Specific units: microaneurysm: 7" in text
+  assert "| 7 | 12 |" in text and "Specific units: microaneurysm: 7" in text
   assert "No unit is specific" not in text
   fig = unit_types.unit_type_figure(result["table"], palette="colorblind")
   boxes = [p for p in fig.axes[0].patches if isinstance(p, Rectangle)]

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drig.attribution import arguments
 from drig.attribution import integration
 
 MODES = ("deletion", "insertion")
@@ -119,12 +120,12 @@ def curves(f: Callable, x, baseline, maps, *, mode: str = "deletion",
     FaithfulnessError: an unknown mode, maps of another size than the images,
       fractions that are not increasing from 0 to 1.
     AttributionArgumentError: bad images or baseline (see
-      ``drig.attribution.integration.check_baseline``).
+      ``drig.attribution.arguments.check_baseline``).
   """
   if mode not in MODES:
     raise FaithfulnessError(f"mode must be one of {MODES}, got {mode!r}")
-  x = integration.as_batch(x)
-  baseline = integration.check_baseline(baseline, x)
+  x = arguments.as_batch(x)
+  baseline = arguments.check_baseline(baseline, x)
   fractions = default_fractions() if fractions is None else np.asarray(fractions, np.float64)
   if (fractions.ndim != 1 or len(fractions) < 2 or fractions[0] != 0 or fractions[-1] != 1
       or np.any(np.diff(fractions) <= 0)):
@@ -134,7 +135,7 @@ def curves(f: Callable, x, baseline, maps, *, mode: str = "deletion",
   if x.ndim != 4 or maps.shape != x.shape[:3]:
     raise FaithfulnessError(f"maps of shape {maps.shape} do not match images {x.shape} "
                             "(expected maps [N, H, W] for images [N, H, W, C])")
-  integration.check_positive_int(chunk_size, name="chunk_size")
+  arguments.check_positive_int(chunk_size, name="chunk_size")
   ranks = jnp.asarray(pixel_ranks(maps))
   num_pixels = maps.shape[1] * maps.shape[2]
   counts = np.round(fractions * num_pixels).astype(np.int32)

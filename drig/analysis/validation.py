@@ -25,6 +25,7 @@ from drig.analysis import figures as figures_lib
 from drig.analysis.errors import AnalysisError
 from drig.analysis.quantity_specs import parse_quantity
 from drig.analysis import selection as selection_lib
+from drig.attribution import arguments
 from drig.attribution import baselines as baselines_lib
 from drig.attribution import heatmap
 from drig.attribution import integration as ig_lib
@@ -127,7 +128,7 @@ def _check_methods(config) -> None:
     raise _bad("baseline", baseline, f"a name: one of {baselines_lib.BASELINE_NAMES}")
   try:
     baselines_lib.parse_baseline_name(baseline)
-  except ig_lib.AttributionArgumentError as e:
+  except arguments.AttributionArgumentError as e:
     raise _bad("baseline", baseline, str(e)) from e
 
 

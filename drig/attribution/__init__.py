@@ -57,7 +57,7 @@ from drig.attribution.regions import TopK
 from drig.attribution.regions import unit_cotangents
 from drig.attribution.regions import unit_active_regions
 from drig.attribution.adaptive import AdaptiveAttribution
-from drig.attribution.integration import AttributionArgumentError
+from drig.attribution.arguments import AttributionArgumentError
 from drig.attribution.integration import BatchGroups
 from drig.attribution.integration import HALF_GRAY_MODEL
 from drig.attribution.integration import HALF_GRAY_PIXEL

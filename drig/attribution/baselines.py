@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drig.attribution.integration import AttributionArgumentError
-from drig.attribution.integration import check_finite
+from drig.attribution.arguments import AttributionArgumentError
+from drig.attribution.arguments import check_finite
 from drig.attribution.integration import half_gray_baseline
 
 BASELINE_NAMES = ("half_gray", "black", "blurred", "uniform_noise")

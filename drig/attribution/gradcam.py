@@ -23,9 +23,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from drig.attribution.integration import (AttributionArgumentError, Operands,
-                                          accumulation_dtype, as_batch, check_finite,
-                                          check_scalar_fn)
+from drig.attribution.arguments import AttributionArgumentError, as_batch, check_finite
+from drig.attribution.integration import Operands, accumulation_dtype, check_scalar_fn
 from drig.attribution.layer import split_model
 
 UPSAMPLING = ("bilinear", "nearest")

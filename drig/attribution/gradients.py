@@ -44,20 +44,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drig.attribution import arguments
 from drig.attribution import baselines as baselines_lib
 from drig.attribution import integration as ig_lib
-from drig.attribution.integration import AttributionArgumentError
+from drig.attribution.arguments import AttributionArgumentError
 from drig.attribution.integration import Operands
 
 NOISE_TUNNEL_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
 def _check_fn(f: Callable, x) -> jax.Array:
-  x = ig_lib.as_batch(x)
+  x = arguments.as_batch(x)
   if x.shape[0] == 0:
     raise AttributionArgumentError(
         f"x is an empty batch (shape {x.shape}): there are no images to attribute")
-  ig_lib.check_finite(x, "x")
+  arguments.check_finite(x, "x")
   ig_lib.check_scalar_fn(f, x)
   return x
 
@@ -203,9 +204,9 @@ def noise_tunnel(attribute_fn: Callable, x, *, kind: str = "smoothgrad", samples
   if kind not in NOISE_TUNNEL_TYPES:
     raise AttributionArgumentError(
         f"unknown noise tunnel kind {kind!r}; use one of {NOISE_TUNNEL_TYPES}")
-  ig_lib.check_positive_int(samples, name="samples")
-  x = ig_lib.as_batch(x)
-  ig_lib.check_finite(x, "x")
+  arguments.check_positive_int(samples, name="samples")
+  x = arguments.as_batch(x)
+  arguments.check_finite(x, "x")
   if noise is not None:
     noise = jnp.asarray(noise)
     if noise.shape != (x.shape[0], samples) + x.shape[1:]:
@@ -317,7 +318,7 @@ def gradient_shap(f: Callable, x, baselines, *, key=None, samples: int = 5, indi
     AttributionArgumentError: baselines of the wrong shape, no key, samples < 1,
       or draws of the wrong shape or range.
   """
-  ig_lib.check_positive_int(samples, name="samples")
+  arguments.check_positive_int(samples, name="samples")
   x = _check_fn(f, x)
   baselines = baselines_lib.check_distribution(baselines, x, "baselines")
   n, k = x.shape[0], baselines.shape[0]

@@ -47,12 +47,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from drig.attribution import adaptive
-from drig.attribution.integration import (AttributionArgumentError, Operands,
-                                                    accumulation_dtype, as_batch,
-                                                    check_baseline, check_finite,
-                                                    check_positive_int,
-                                                    check_scalar_fn, integrated_gradients,
-                                                    path_sum, quadrature)
+from drig.attribution.arguments import (AttributionArgumentError, as_batch, check_baseline,
+                                        check_finite, check_positive_int)
+from drig.attribution.integration import (Operands, accumulation_dtype, check_scalar_fn,
+                                          integrated_gradients, path_sum, quadrature)
 from drig.models import layer_access
 
 

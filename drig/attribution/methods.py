@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from drig import prng
+from drig.attribution import arguments
 from drig.attribution import baselines as baselines_lib
 from drig.attribution import gradcam
 from drig.attribution import gradients
@@ -33,7 +34,7 @@ from drig.attribution import integration as ig_lib
 from drig.attribution import occlusion as occlusion_lib
 from drig.attribution import paths
 from drig.attribution import xrai as xrai_lib
-from drig.attribution.integration import AttributionArgumentError
+from drig.attribution.arguments import AttributionArgumentError
 
 _IG_DEFAULTS = {"steps": 50, "method": "riemann_right", "chunk_size": None}
 # Noise tunnels: Captum's 5 samples, PAIR's noise of 15% of each image's range
@@ -283,7 +284,7 @@ def attribute(name: str, *, quantity: Callable, x, baseline="half_gray", key=Non
   """
   method = get_method(name)
   options = method_options(name, options)
-  x = ig_lib.as_batch(x)
+  x = arguments.as_batch(x)
   if method.random and key is None:
     raise AttributionArgumentError(f"method {name!r} draws random numbers: pass key=")
   baseline_key = None if key is None else prng.named_key(key, "baseline")

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drig.attribution.integration import (HALF_GRAY_MODEL, AttributionArgumentError,
-                                          Operands, accumulation_dtype, as_batch,
-                                          check_baseline, check_positive_int,
+from drig.attribution.arguments import (AttributionArgumentError, as_batch, check_baseline,
+                                        check_positive_int)
+from drig.attribution.integration import (HALF_GRAY_MODEL, Operands, accumulation_dtype,
                                           check_scalar_fn, default_points_per_call)
 
 

@@ -43,9 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drig.attribution.integration import (AttributionArgumentError, Operands,
-                                          accumulation_dtype, as_batch, check_baseline,
-                                          check_finite, check_positive_int, check_scalar_fn,
+from drig.attribution.arguments import (AttributionArgumentError, as_batch, check_baseline,
+                                        check_finite, check_positive_int)
+from drig.attribution.integration import (Operands, accumulation_dtype, check_scalar_fn,
                                           default_points_per_call)
 
 # scipy.ndimage.gaussian_filter's default: the kernel reaches 4 sigma each side.

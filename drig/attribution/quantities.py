@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drig import grading
-from drig.attribution.integration import AttributionArgumentError
+from drig.attribution.arguments import AttributionArgumentError
 
 SPACES = ("probability", "logit")
 

@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drig.attribution.integration import (AttributionArgumentError, Operands,
-                                                    _call_operands, cached_eval_shape)
+from drig.attribution.arguments import AttributionArgumentError
+from drig.attribution.integration import Operands, _call_operands, cached_eval_shape
 
 _SIZE_PROBE = 64  # pixels removed per axis to measure the stride; a multiple of 2^6
 _MARGIN_UNITS = 2  # strides of context kept on each side of the receptive field

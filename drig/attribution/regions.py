@@ -30,14 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from drig.attribution import adaptive
-from drig.attribution.integration import (AttributionArgumentError, Operands,
-                                          accumulation_dtype, as_batch, check_baseline,
-                                          check_integration_arguments,
-                                          default_groups_per_call,
-                                          check_positive_int, check_scalar_fn,
-                                          integrated_gradients, least_padding_chunk,
-                                          path_sum, quadrature, cached_eval_shape,
-                                          default_points_per_call, _call_operands)
+from drig.attribution.arguments import (AttributionArgumentError, as_batch, check_baseline,
+                                        check_integration_arguments, check_positive_int)
+from drig.attribution.integration import (Operands, _call_operands, accumulation_dtype,
+                                          cached_eval_shape, default_groups_per_call,
+                                          default_points_per_call, integrated_gradients,
+                                          least_padding_chunk, path_sum, quadrature)
 from drig.attribution import layer as layer_lib
 from drig.attribution import receptive_field
 

@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drig.attribution.integration import (AttributionArgumentError, accumulation_dtype,
-                                          as_batch, check_finite,
-                                          check_positive_int, check_scalar_fn, path_sum)
+from drig.attribution.arguments import (AttributionArgumentError, as_batch, check_finite,
+                                        check_positive_int)
+from drig.attribution.integration import accumulation_dtype, check_scalar_fn, path_sum
 
 FELZENSZWALB_SCALES = (50, 100, 150, 250, 500, 1200)
 FELZENSZWALB_SIGMA = 0.8

@@ -57,6 +57,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from drig.data import generation
+from drig.data import synthetic_examples
 from drig.data import synthetic_fundus
 
 _SPLITS = ("train", "validation", "test")
@@ -99,11 +100,11 @@ class SyntheticFundusConfig(tfds.core.BuilderConfig):
 
   def class_counts(self, split: str) -> np.ndarray:
     """Grade counts [5] of a split."""
-    return synthetic_fundus.allocate_counts(self.split_sizes()[split], self.class_weights,
+    return synthetic_examples.allocate_counts(self.split_sizes()[split], self.class_weights,
                                             self.min_per_class)
 
-  def example_spec(self) -> synthetic_fundus.ExampleSpec:
-    return synthetic_fundus.ExampleSpec(
+  def example_spec(self) -> synthetic_examples.ExampleSpec:
+    return synthetic_examples.ExampleSpec(
         seed=self.seed, photo_size=self.photo_size, image_size=self.image_size,
         jpeg_quality=tuple(self.jpeg_quality), render_options=tuple(self.render_options),
         preprocess_options=tuple(self.preprocess_options))
@@ -190,7 +191,7 @@ class SyntheticFundus(generation.SourceFileCodePath, tfds.core.GeneratorBasedBui
 
   def _generate_examples(self, split: str):
     config = self.builder_config
-    labels = synthetic_fundus.split_labels(config.seed, split, config.class_counts(split))
+    labels = synthetic_examples.split_labels(config.seed, split, config.class_counts(split))
     spec = config.example_spec()
     tasks = [(spec, split, index, int(grade)) for index, grade in enumerate(labels)]
     workers = self._num_workers
@@ -202,15 +203,15 @@ class SyntheticFundus(generation.SourceFileCodePath, tfds.core.GeneratorBasedBui
     workers = min(workers, len(tasks))
     if workers <= 1:
       for index, task in enumerate(tasks):
-        yield index, synthetic_fundus.make_example_task(task)
+        yield index, synthetic_examples.make_example_task(task)
       return
     # "forkserver": the parent runs TensorFlow's threads, which fork would copy
     # half-way. The server process is started once, imports the renderer, and
     # forks the workers of every split's pool from there.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["drig.data.synthetic_fundus", "drig.preprocess"])
+    context.set_forkserver_preload(["drig.data.synthetic_examples", "drig.preprocess"])
     with context.Pool(workers, initializer=generation.init_worker) as pool:
       chunk = max(1, min(16, len(tasks) // (4 * workers)))
-      for index, example in enumerate(pool.imap(synthetic_fundus.make_example_task, tasks,
+      for index, example in enumerate(pool.imap(synthetic_examples.make_example_task, tasks,
                                                 chunksize=chunk)):
         yield index, example

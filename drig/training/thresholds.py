@@ -21,7 +21,7 @@ y. Pure numpy on host arrays; a fit over 1,000 validation images takes
 milliseconds.
 """
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
