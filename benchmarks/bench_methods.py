@@ -281,7 +281,8 @@ def gradient_methods(torch, forward, quantity, nchw, ready, points):
   def tunnel(kind):
     return (
         lambda x: ready(gradients.smoothgrad(quantity, x, key=key, samples=samples,
-                                             stdev=stdev, kind=kind)),
+                                             stdev=stdev, kind=kind,
+                                             samples_per_call=max(1, points // len(x)))),
         lambda x: captum_attr.NoiseTunnel(captum_attr.Saliency(forward)).attribute(
             nchw(x), nt_type=kind, nt_samples=samples, stdevs=stdev, target=GRADE, abs=False,
             nt_samples_batch_size=max(1, points // len(x))),
@@ -307,7 +308,8 @@ def gradient_methods(torch, forward, quantity, nchw, ready, points):
       "vargrad": tunnel("vargrad"),
       "gradient_shap": (
           lambda x: ready(gradients.gradient_shap(quantity, x, baselines(x), key=key,
-                                                  samples=samples)),
+                                                  samples=samples,
+                                                  samples_per_call=max(1, points // len(x)))),
           lambda x: captum_attr.GradientShap(forward).attribute(
               nchw(x), baselines=nchw(baselines(x)), n_samples=samples, stdevs=0.0,
               target=GRADE),

@@ -170,6 +170,52 @@ def test_gradient_shap_matches_captum_with_the_same_draws(cnn):
   _assert_close(ours, _nhwc(theirs), TOL_GRADIENT)
 
 
+def test_sample_chunks_pad_with_zero_weights():
+  chunks = gradients.sample_chunks(5, 2, num_images=1)
+  assert [list(n) for n, _ in chunks] == [[0, 1], [2, 3], [4, 4]]
+  assert [list(w) for _, w in chunks] == [[1, 1], [1, 1], [1, 0]]
+  # None: about the engine's points per call, shared by the images of a call.
+  assert len(gradients.sample_chunks(5, None, num_images=1)) == 1
+  assert all(len(n) == 1 for n, _ in gradients.sample_chunks(3, None, num_images=64))
+
+
+@pytest.mark.parametrize("per_call", [2, 3, None])
+def test_samples_per_call_does_not_change_the_result(cnn, per_call):
+  """A sample's draw depends on its number only: chunking (with zero-weight padding) is exact."""
+  _, f, x = cnn
+  key = jax.random.PRNGKey(8)
+  for kind in gradients.NOISE_TUNNEL_TYPES:
+    one = gradients.smoothgrad(f, x, key=key, samples=5, stdev=0.2, kind=kind,
+                               samples_per_call=1)
+    chunked = gradients.smoothgrad(f, x, key=key, samples=5, stdev=0.2, kind=kind,
+                                   samples_per_call=per_call)
+    _assert_close(chunked, one, TOL_GRADIENT)
+  distribution = np.random.default_rng(9).uniform(-1, 1, (3,) + x.shape[1:]).astype(np.float32)
+  one = gradients.gradient_shap(f, x, distribution, key=key, samples=5, samples_per_call=1)
+  chunked = gradients.gradient_shap(f, x, distribution, key=key, samples=5,
+                                    samples_per_call=per_call)
+  _assert_close(chunked, one, TOL_GRADIENT)
+
+
+def test_noise_tunnel_of_ig_keeps_each_image_with_its_baseline(cnn):
+  """Chunked noisy copies of IG from a per-image baseline: each copy meets its own image's."""
+  _, f, x = cnn
+  baseline = np.stack([np.full(x.shape[1:], v, np.float32) for v in (-0.5, 0.7)])
+  options = {"of": "integrated_gradients", "samples": 3, "steps": 6, "stdev": 0.1}
+  key = jax.random.PRNGKey(10)
+  one = methods.attribute("smoothgrad", quantity=f, x=x, baseline=baseline, key=key,
+                          options={**options, "samples_per_call": 1})
+  chunked = methods.attribute("smoothgrad", quantity=f, x=x, baseline=baseline, key=key,
+                              options={**options, "samples_per_call": 3})
+  _assert_close(chunked, one, TOL_PATH)
+
+
+def test_attribute_fn_of_the_wrong_shape_is_named(cnn):
+  _, _, x = cnn
+  with pytest.raises(attribution.AttributionArgumentError, match="same shape"):
+    gradients.noise_tunnel(lambda z: z[:1], x, key=jax.random.PRNGKey(0), stdev=0.1)
+
+
 def test_expected_gradients_is_the_mean_of_captum_ig_over_baselines(cnn):
   forward, f, x = cnn
   k, steps = 3, 8

@@ -85,6 +85,21 @@ SCRIPT = textwrap.dedent("""
               lambda xs, bs: attribution.integrated_gradients(f_multi, xs, bs, steps=4),
               x, per_image, mesh=mesh),
           attribution.integrated_gradients(f_single, x, per_image, steps=4))
+    # Noise tunnels and GradientSHAP stack each image's samples beside it (image-major):
+    # the images stay split over the devices, and the sums equal one device's.
+    from drig.attribution import gradients
+    key = jax.random.PRNGKey(3)
+    distribution = rng.uniform(-1, 1, size=(3, 8, 8, 3)).astype(np.float32)
+    padded = parallel.shard_batch(jnp.concatenate([x, x[:3]]), mesh)
+    for name, call in (
+        ("smoothgrad", lambda f, xs: gradients.smoothgrad(
+            f, xs, key=key, samples=5, stdev=0.1, samples_per_call=2)),
+        ("gradient_shap", lambda f, xs: gradients.gradient_shap(
+            f, xs, distribution, key=key, samples=5, samples_per_call=2))):
+      multi = call(f_multi, padded)
+      check(name, np.asarray(multi)[:5], call(f_single, jnp.concatenate([x, x[:3]]))[:5])
+      shapes = {s.data.shape for s in multi.addressable_shards}
+      assert len(multi.addressable_shards) == 8 and shapes == {(1, 8, 8, 3)}, (name, shapes)
     print("ALL OK")
 """)
 

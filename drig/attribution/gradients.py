@@ -27,12 +27,17 @@ number, so a sample's noise does not depend on how many samples are drawn, or
 they are given explicitly (``noise``, ``indices``, ``alphas``) to reproduce
 another library's draws.
 
-Each model call sees the N images once (one noise sample, one baseline draw or,
-for IG, the engine's chunk of path points per image): memory is bounded by the
-batch whatever the number of samples. Samples are dispatched one after another
-from Python, each a compiled program (as integration's chunks), and the sums
-stay on the images' devices, so a batch sharded over a mesh (image-major) stays
-sharded.
+Samples are evaluated in chunks, as integration's path points: each model call
+sees ``samples_per_call`` noisy copies (or baseline draws) of each of the N
+images, stacked image-major into one batch of N * samples_per_call, so memory is
+bounded by the chunk whatever the number of samples. The default takes about
+the engine's points per call (`integration.default_chunk_size`), padding the last
+chunk with zero-weight samples rather than compiling a second shape; a sample's
+draw depends only on its number, so the result does not depend on the chunking.
+Chunks are dispatched one after another from Python, each a compiled program,
+and the sums stay on the images' devices, so a batch sharded over a mesh
+(image-major) stays sharded. Noise tunnels of IG take one sample per call by
+default: each IG call already sees a chunk of path points per image.
 """
 
 from __future__ import annotations
@@ -144,23 +149,54 @@ def noise_std(x, *, stdev=None, stdev_spread=None) -> jax.Array:
   return stdev_spread * (flat.max(axis=1) - flat.min(axis=1))
 
 
+def _stack(per_sample: jax.Array) -> jax.Array:
+  """[N, C, ...] -> [N * C, ...]: each image's C samples side by side (image-major)."""
+  return per_sample.reshape((-1,) + per_sample.shape[2:])
+
+
 @jax.jit
-def _noisy_input(x, key, sample, std):
+def _noisy_inputs(x, key, samples, std):
   acc = ig_lib.accumulation_dtype(x)
-  noise = jax.random.normal(jax.random.fold_in(key, sample), x.shape, acc)
-  return (x.astype(acc) + std.reshape((-1,) + (1,) * (x.ndim - 1)) * noise).astype(x.dtype)
+  noise = jax.vmap(lambda s: jax.random.normal(jax.random.fold_in(key, s), x.shape, acc),
+                   out_axes=1)(samples)
+  std = std.reshape((-1, 1) + (1,) * (x.ndim - 1))
+  return _stack((x.astype(acc)[:, None] + std * noise).astype(x.dtype))
 
 
 @jax.jit
 def _given_noise(x, noise):
-  return x + noise.astype(x.dtype)
+  return _stack(x[:, None] + noise.astype(x.dtype))
 
 
 @jax.jit
-def _accumulate(totals, attributions):
+def _accumulate(totals, attributions, weights):
   total, total_sq = totals
-  a = attributions.astype(total.dtype)
-  return total + a, total_sq + a * a
+  a = attributions.reshape(total.shape[:1] + weights.shape + total.shape[1:]).astype(total.dtype)
+  w = weights.astype(total.dtype).reshape((1, -1) + (1,) * (total.ndim - 1))
+  return total + jnp.sum(w * a, axis=1), total_sq + jnp.sum(w * a * a, axis=1)
+
+
+def sample_chunks(samples: int, samples_per_call: int | None,
+                  num_images: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """The samples' numbers per call and their weights (1, or 0 for padding).
+
+  Args:
+    samples: S >= 1 samples per image.
+    samples_per_call: the most samples per call; None: about the engine's points
+      per call (`integration.default_chunk_size`).
+    num_images: N, images per call.
+
+  Returns:
+    One (numbers int32 [C], weights float32 [C]) per call, every call of one size
+    C; the last call's missing samples repeat sample S - 1 with weight 0.
+  """
+  num_chunks, size = ig_lib.chunk_plan(samples, samples_per_call, num_images)
+  chunks = []
+  for start in range(0, num_chunks * size, size):
+    numbers = np.arange(start, start + size)
+    weights = (numbers < samples).astype(np.float32)
+    chunks.append((np.minimum(numbers, samples - 1).astype(np.int32), weights))
+  return chunks
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -174,7 +210,8 @@ def _smoothing(totals, samples, kind):
 
 
 def noise_tunnel(attribute_fn: Callable, x, *, kind: str = "smoothgrad", samples: int = 5,
-                 key=None, stdev=None, stdev_spread=None, noise=None) -> jax.Array:
+                 key=None, stdev=None, stdev_spread=None, noise=None,
+                 samples_per_call: int | None = 1) -> jax.Array:
   """SmoothGrad, SmoothGrad-squared or VarGrad of any attribution (Captum's NoiseTunnel).
 
   With A = attribute_fn and e_s Gaussian noise, over s = 1..S:
@@ -182,9 +219,11 @@ def noise_tunnel(attribute_fn: Callable, x, *, kind: str = "smoothgrad", samples
   vargrad = mean_s A^2 - (mean_s A)^2 (Captum's population variance).
 
   Args:
-    attribute_fn: noisy images [N, ...] -> attributions [N, ...], e.g.
+    attribute_fn: noisy images [M, ...] -> attributions [M, ...], where M = N *
+      samples_per_call (each image's noisy copies side by side, image-major), e.g.
       ``functools.partial(gradient, f)`` or ``lambda z: integrated_gradients(f, z,
-      baseline, steps=16)[0]`` (a per-image baseline stays with its image).
+      baseline, steps=16)[0]`` (a per-image baseline [N, ...] must then be
+      repeated samples_per_call times along axis 0 to stay with its image).
     x: a floating batch [N, ...].
     kind: one of NOISE_TUNNEL_TYPES.
     samples: S >= 1, noisy copies per image.
@@ -193,6 +232,9 @@ def noise_tunnel(attribute_fn: Callable, x, *, kind: str = "smoothgrad", samples
     stdev, stdev_spread: exactly one (see `noise_std`), unless ``noise`` is given.
     noise: explicit noise [N, S, ...] (image-major, as Captum's expanded batch)
       replacing the draws, e.g. to reproduce another library's.
+    samples_per_call: noisy copies of each image per call of attribute_fn
+      (see `sample_chunks`; None: about the engine's points per call). The
+      default, 1, calls attribute_fn on N images at a time.
 
   Returns:
     [N, ...] in float32 (float64 for float64 x).
@@ -219,22 +261,32 @@ def noise_tunnel(attribute_fn: Callable, x, *, kind: str = "smoothgrad", samples
           f"{kind} draws random noise: pass key= (a jax random key) or noise=")
     std = noise_std(x, stdev=stdev, stdev_spread=stdev_spread)
   totals = None
-  for s in range(samples):
-    noisy = _given_noise(x, noise[:, s]) if noise is not None else _noisy_input(x, key, s, std)
+  for numbers, weights in sample_chunks(samples, samples_per_call, x.shape[0]):
+    noisy = (_given_noise(x, noise[:, numbers]) if noise is not None
+             else _noisy_inputs(x, key, jnp.asarray(numbers), std))
     attributions = attribute_fn(noisy)
+    if attributions.shape != noisy.shape:
+      raise AttributionArgumentError(
+          f"{kind}: attribute_fn must map the noisy batch {noisy.shape} to attributions of "
+          f"the same shape, got {attributions.shape}")
     if totals is None:
       acc = ig_lib.accumulation_dtype(x, attributions)
-      zeros = jnp.zeros_like(attributions, acc)
+      zeros = jnp.zeros_like(x, dtype=acc)  # keeps x's sharding
       totals = (zeros, zeros)
-    totals = _accumulate(totals, attributions)
+    totals = _accumulate(totals, attributions, jnp.asarray(weights))
   return _smoothing(totals, samples, kind)
 
 
 def smoothgrad(f: Callable, x, *, key=None, samples: int = 5, stdev=None, stdev_spread=None,
-               kind: str = "smoothgrad", noise=None) -> jax.Array:
-  """`noise_tunnel` of the plain (signed) gradient; Captum's NoiseTunnel(Saliency(abs=False))."""
+               kind: str = "smoothgrad", noise=None,
+               samples_per_call: int | None = None) -> jax.Array:
+  """`noise_tunnel` of the plain (signed) gradient; Captum's NoiseTunnel(Saliency(abs=False)).
+
+  Several noisy copies per model call by default (``samples_per_call=None``).
+  """
   return noise_tunnel(lambda z: gradient(f, z), x, kind=kind, samples=samples, key=key,
-                      stdev=stdev, stdev_spread=stdev_spread, noise=noise)
+                      stdev=stdev, stdev_spread=stdev_spread, noise=noise,
+                      samples_per_call=samples_per_call)
 
 
 # ------------------------------------------------------------------------------
@@ -285,16 +337,20 @@ def gradient_shap_draws(key, num_images: int, samples: int,
 
 
 @jax.jit
-def _shap_step(operands, x, baselines, index, alpha, total):
+def _shap_step(operands, x, baselines, indices, alphas, weights, total):
+  """Adds the chunk's draws: indices, alphas [N, C], weights [C] (0 for padding)."""
   acc = total.dtype
-  b = baselines[index].astype(acc)
-  delta = x.astype(acc) - b
-  points = b + alpha.astype(acc).reshape((-1,) + (1,) * (x.ndim - 1)) * delta
-  return total + delta * _sum_gradient(operands.tree, points.astype(x.dtype))
+  b = baselines[indices].astype(acc)                      # [N, C, ...]
+  delta = x.astype(acc)[:, None] - b
+  expand = (1,) * (x.ndim - 1)
+  points = b + alphas.astype(acc).reshape(alphas.shape + expand) * delta
+  grads = _sum_gradient(operands.tree, _stack(points.astype(x.dtype)))
+  w = weights.astype(acc).reshape((1, -1) + expand)
+  return total + jnp.sum(w * delta * grads.reshape(points.shape), axis=1)
 
 
 def gradient_shap(f: Callable, x, baselines, *, key=None, samples: int = 5, indices=None,
-                  alphas=None) -> jax.Array:
+                  alphas=None, samples_per_call: int | None = None) -> jax.Array:
   """The single-sample expected-gradients estimator (Captum's GradientShap, stdevs=0).
 
   For each image and sample s: a baseline b = baselines[j_s] and a position
@@ -310,6 +366,8 @@ def gradient_shap(f: Callable, x, baselines, *, key=None, samples: int = 5, indi
     samples: S >= 1 draws per image (S gradient evaluations per image).
     indices, alphas: explicit draws [N, S] (int baseline indices, positions in
       [0, 1]), e.g. to reproduce Captum's.
+    samples_per_call: draws of each image per model call (see `sample_chunks`;
+      None: about the engine's points per call).
 
   Returns:
     [N, ...] float32 (float64 for float64 x).
@@ -341,6 +399,7 @@ def gradient_shap(f: Callable, x, baselines, *, key=None, samples: int = 5, indi
   operands = Operands(f)
   # zeros_like keeps x's sharding: every step then sees the same input layout (one compile).
   total = jnp.zeros_like(x, dtype=ig_lib.accumulation_dtype(x))
-  for s in range(samples):
-    total = _shap_step(operands, x, baselines, indices[:, s], alphas[:, s], total)
+  for numbers, weights in sample_chunks(samples, samples_per_call, n):
+    total = _shap_step(operands, x, baselines, indices[:, numbers], alphas[:, numbers],
+                       jnp.asarray(weights), total)
   return total / samples

@@ -39,8 +39,10 @@ from drig.attribution.arguments import AttributionArgumentError
 _IG_DEFAULTS = {"steps": 50, "method": "riemann_right", "chunk_size": None}
 # Noise tunnels: Captum's 5 samples, PAIR's noise of 15% of each image's range
 # (an absolute ``stdev`` replaces it), of the signed gradient unless ``of`` says.
+# samples_per_call None: about the engine's points per call for a gradient, one
+# noisy copy per call for IG (whose calls already hold a chunk of path points).
 _NOISE_DEFAULTS = {"samples": 5, "stdev": None, "stdev_spread": 0.15, "of": "gradient",
-                   **_IG_DEFAULTS}
+                   "samples_per_call": None, **_IG_DEFAULTS}
 NOISE_TUNNEL_OF = ("gradient", "input_x_gradient", "integrated_gradients")
 
 
@@ -124,10 +126,19 @@ def _noise_tunnel(kind: str) -> Callable[[Call], jax.Array]:
     elif o["of"] == "input_x_gradient":
       inner = lambda z: gradients.gradient_x_input(f, z)
     else:
-      inner = lambda z: _ig(f, z, call.baseline, o)
+      # The noisy batch holds each image's copies side by side: a per-image
+      # baseline is repeated to match.
+      def inner(z):
+        b = jnp.asarray(call.baseline)
+        if b.ndim == z.ndim and b.shape[0] not in (1, z.shape[0]):
+          b = jnp.repeat(b, z.shape[0] // b.shape[0], axis=0)
+        return _ig(f, z, b, o)
+    per_call = o["samples_per_call"]
+    if per_call is None and o["of"] == "integrated_gradients":
+      per_call = 1
     stdev, spread = o["stdev"], (o["stdev_spread"] if o["stdev"] is None else None)
     return gradients.noise_tunnel(inner, call.x, kind=kind, samples=o["samples"], key=call.key,
-                                  stdev=stdev, stdev_spread=spread)
+                                  stdev=stdev, stdev_spread=spread, samples_per_call=per_call)
   return compute
 
 
@@ -141,7 +152,8 @@ def _expected_gradients(call: Call) -> jax.Array:
 
 def _gradient_shap(call: Call) -> jax.Array:
   return gradients.gradient_shap(call.quantity, call.x, call.baseline, key=call.key,
-                                 samples=call.options["samples"])
+                                 samples=call.options["samples"],
+                                 samples_per_call=call.options["samples_per_call"])
 
 
 def _blur_ig(call: Call) -> jax.Array:
@@ -195,7 +207,7 @@ _REGISTRY = {
         defaults=_IG_DEFAULTS, cost="K baselines x steps"),
     "gradient_shap": Method(
         "gradient_shap", _gradient_shap, _always(True), random=True, distribution=True,
-        defaults={"samples": 5}, cost="samples"),
+        defaults={"samples": 5, "samples_per_call": None}, cost="samples"),
     # Path and region methods (drig.attribution.paths, gradcam, occlusion, xrai),
     # their defaults those of PAIR's saliency (blur_ig, guided_ig, xrai) and Captum.
     "blur_ig": Method(
