@@ -670,13 +670,21 @@ def part_convergence(drig, captum):
 
 
 def _fewest_steps(relative_gap_at, tolerance):
-  """The first of first, 2 first, 4 first, ... (up to the limit) whose gap is within tolerance."""
+  """The first of first, 2 first, 4 first, ... (up to the limit) whose gap is within tolerance;
+  at the limit the gap may still exceed it (the log then says so)."""
   steps = _ADAPTIVE_FIRST.value
   while True:
     gap = relative_gap_at(steps)
     if gap <= tolerance or steps * 2 > _ADAPTIVE_MAX_FIXED.value:
       return steps, gap
     steps *= 2
+
+
+def _needs(steps, gap, tolerance):
+  if gap <= tolerance:
+    return f"needs {steps} steps"
+  return (f"is still above tolerance at {steps} steps, the limit (--adaptive_max_fixed_steps; "
+          "its time is a lower bound)")
 
 
 def part_adaptive(drig, captum):
@@ -728,7 +736,8 @@ def part_adaptive(drig, captum):
     fixed_time = best[f"drig riemann_right {fixed_steps}"]
     if captum is not None:
       captum_time = best[f"Captum riemann_right {captum_steps}"]
-      captum_words = (f"Captum needs {captum_steps} steps (max gap {captum_gap_found:.2e}), "
+      captum_words = (f"Captum {_needs(captum_steps, captum_gap_found, tolerance)} (max gap "
+                      f"{captum_gap_found:.2e}), "
                       f"{captum_time:.2f} s; Captum / drig adaptive "
                       f"{captum_time / best['drig adaptive']:.2f}x")
     else:
@@ -739,7 +748,8 @@ def part_adaptive(drig, captum):
         f"evaluations per image {evaluations.tolist()} (total {int(evaluations.sum())}), "
         f"relative gaps {' '.join('%.2e' % g for g in adaptive_gap)}, converged "
         f"{np.asarray(result.converged).tolist()}, {best['drig adaptive']:.2f} s; drig "
-        f"riemann_right needs {fixed_steps} steps ({fixed_steps * batch} evaluations, max gap "
+        f"riemann_right {_needs(fixed_steps, fixed_gap, tolerance)} ({fixed_steps * batch} "
+        f"evaluations, max gap "
         f"{fixed_gap:.2e}), {fixed_time:.2f} s; {captum_words}  (all "
         f"{ {k: ['%.2f' % t for t in v] for k, v in times.items()} })")
 
