@@ -35,9 +35,8 @@ drig.analyze's config.checkpoint_step) replaces the random He weights by that
 trained grader in 'convergence' and 'adaptive' (the only parts it allows): drig's
 own architecture at the run's image size (--sizes is then unused), on the first
 images of --checkpoint_split of the run's data set whose true grade is at least
---checkpoint_min_grade. Captum has no copy of a drig run's architecture, so
-'adaptive' then compares drig adaptive with drig's fixed riemann_right only
-(Captum's riemann_right needs the same steps for the same gap: the same rule).
+--checkpoint_min_grade. Captum runs a torch copy of the run's network
+(benchmarks/torch_twin.py), checked against drig's on two of those images first.
 
 --xla_flags sets XLA_FLAGS (appended) before JAX starts, for every part and
 child process; the 'xla_flags' part compares --xla_flag_sets instead.
@@ -52,7 +51,7 @@ Smoke run:
     --adaptive_batches=1 --adaptive_tolerance=0.1 --adaptive_max_fixed_steps=16
 Time to 1% on a trained grader (the demo's run; smoke: a tiny run, tolerance 0.1):
   python benchmarks/bench_attribution.py --parts=adaptive,convergence \
-    --checkpoint=workdirs/runlocal
+    --checkpoint=workdirs/runlocal --adaptive_max_fixed_steps=1024
 """
 
 import functools
@@ -300,15 +299,16 @@ def inputs(drig, n, size, seed):
 
 
 class Captum:
-  """Captum's side: torchvision's model with the same weights."""
+  """Captum's side: torchvision's model with the same weights as drig's, or ``model``."""
 
-  def __init__(self, path):
+  def __init__(self, path=None, model=None):
     import torch  # pylint: disable=g-import-not-at-top
     from captum import attr  # pylint: disable=g-import-not-at-top
     self.torch, self.attr = torch, attr
-    self.model = torch_inception()
-    self.model.load_state_dict(torch.load(path, weights_only=True))
-    self.model.eval()
+    if model is None:
+      model = torch_inception()
+      model.load_state_dict(torch.load(path, weights_only=True))
+    self.model = model.eval()
     self.forward = lambda inputs: torch.softmax(self.model(inputs), dim=-1)
 
   def _inputs(self, x):
@@ -355,6 +355,37 @@ class Captum:
     times["resultant maps"] = time.perf_counter() - t
     del pixels
     return times
+
+
+def captum_on_run(drig_run):
+  """Captum on the torch copy of a trained drig run (benchmarks/torch_twin.py), after
+  checking that the copy's p(grade) and its input gradient equal drig's on the run's images."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import torch_twin  # pylint: disable=g-import-not-at-top
+  try:
+    twin = torch_twin.from_drig(drig_run.model, drig_run.variables)
+  except ValueError as e:
+    raise app.UsageError(f"--checkpoint: Captum cannot run this model: {e}") from e
+  captum = Captum(model=twin)
+  x = drig_run.images(2)
+  inputs, _ = captum._inputs(x)  # pylint: disable=protected-access
+  inputs.requires_grad_(True)
+  probability = captum.forward(inputs)[:, GRADE]
+  probability.sum().backward()
+  drig_probability, drig_gradient = jax.vmap(jax.value_and_grad(
+      lambda v: drig_run.quantity(v[None])[0]))(jnp.asarray(x))
+  value_error = float(np.abs(probability.detach().numpy() - np.asarray(drig_probability)).max())
+  gradient = inputs.grad.numpy().transpose(0, 2, 3, 1)
+  gradient_error = float(np.abs(gradient - np.asarray(drig_gradient)).max()
+                         / np.abs(np.asarray(drig_gradient)).max())
+  log(f"torch copy of the run: max |p - p_drig| {value_error:.1e}, max |grad - grad_drig| / "
+      f"max |grad_drig| {gradient_error:.1e} on 2 images")
+  if value_error > 1e-4 or gradient_error > 1e-3:
+    raise app.UsageError("--checkpoint: the torch copy of the run does not compute drig's "
+                         "function; Captum's figures would not be comparable")
+  return captum
+
 
 
 # ------------------------------------------------------------------------------
@@ -739,9 +770,10 @@ def part_adaptive(drig, captum):
       captum_words = (f"Captum {_needs(captum_steps, captum_gap_found, tolerance)} (max gap "
                       f"{captum_gap_found:.2e}), "
                       f"{captum_time:.2f} s; Captum / drig adaptive "
-                      f"{captum_time / best['drig adaptive']:.2f}x")
+                      f"{captum_time / best['drig adaptive']:.2f}x, drig fixed / drig adaptive "
+                      f"{fixed_time / best['drig adaptive']:.2f}x")
     else:
-      captum_words = (f"Captum not run (a trained drig run); drig fixed / drig adaptive "
+      captum_words = (f"Captum not run; drig fixed / drig adaptive "
                       f"{fixed_time / best['drig adaptive']:.2f}x")
     weights = drig.description if isinstance(drig, DrigRun) else "random He weights"
     log(f"[adaptive {size}px, batch {batch}, tolerance {tolerance:g}, {weights}] drig adaptive: "
@@ -758,7 +790,7 @@ PARTS = {"pixel": part_pixel, "analysis": part_analysis, "memory": part_memory,
          "flops": part_flops, "maxpool": part_maxpool, "xla_flags": part_xla_flags,
          "batching": part_batching,
          "convergence": part_convergence, "adaptive": part_adaptive}
-# The parts that --checkpoint (a trained drig run, no Captum twin) can run.
+# The parts that --checkpoint (a trained drig run) can run.
 CHECKPOINT_PARTS = {"convergence", "adaptive"}
 
 
@@ -784,7 +816,8 @@ def main(argv):
       f"{torch.get_num_threads()} threads; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
       f"load average {os.getloadavg()[0]:.1f}")
   if _CHECKPOINT.value:
-    drig, captum = DrigRun(_CHECKPOINT.value, _CHECKPOINT_STEP.value), None
+    drig = DrigRun(_CHECKPOINT.value, _CHECKPOINT_STEP.value)
+    captum = captum_on_run(drig) if "adaptive" in _PARTS.value else None
     log(f"trained grader: {drig.description}, {drig.image_size} px, p(grade {GRADE}); images "
         f"of grade >= {_CHECKPOINT_MIN_GRADE.value} from split {_CHECKPOINT_SPLIT.value!r}")
   else:
