@@ -126,6 +126,11 @@ _ADAPTIVE_MAX_FIXED = flags.DEFINE_integer(
     "--adaptive_first_steps) for the fixed riemann_right rules of drig and Captum.")
 _ADAPTIVE_FIRST = flags.DEFINE_integer("adaptive_first_steps", 8,
                                        "'adaptive': the first fixed step count tried.")
+_ADAPTIVE_SEARCH_TIMING = flags.DEFINE_bool(
+    "adaptive_search_timing", False,
+    "'adaptive': also count the search's run at the step count found as one timing of each "
+    "fixed rule (it includes the gap's two forward passes); with --repeats=0 the fixed rules "
+    "run only in the search, for paths so long that a timed rerun would double the cost.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "", "A drig.train workdir: 'convergence' and 'adaptive' attribute its trained "
     "grader on its data set's images instead of random He weights on smooth random images.")
@@ -702,12 +707,18 @@ def part_convergence(drig, captum):
 
 def _fewest_steps(relative_gap_at, tolerance):
   """The first of first, 2 first, 4 first, ... (up to the limit) whose gap is within tolerance;
-  at the limit the gap may still exceed it (the log then says so)."""
+  at the limit the gap may still exceed it (the log then says so).
+
+  Returns (steps, gap, seconds): seconds is the wall time of the run at those steps
+  (attribution and the gap's two forward passes)."""
   steps = _ADAPTIVE_FIRST.value
   while True:
+    _settle()
+    t = time.perf_counter()
     gap = relative_gap_at(steps)
+    seconds = time.perf_counter() - t
     if gap <= tolerance or steps * 2 > _ADAPTIVE_MAX_FIXED.value:
-      return steps, gap
+      return steps, gap, seconds
     steps *= 2
 
 
@@ -748,17 +759,28 @@ def part_adaptive(drig, captum):
       total = attributions.reshape(batch, -1).sum(axis=1)
       return float((np.abs(total - torch_change) / np.abs(torch_change)).max())
 
-    fixed_steps, fixed_gap = _fewest_steps(drig_gap, tolerance)
+    drig.pixel_ig(x, 2, _chunk(2))  # compiles the fixed rule's chunk outside any timing
+    fixed_steps, fixed_gap, fixed_search_time = _fewest_steps(drig_gap, tolerance)
     runs = {"drig adaptive": lambda: drig.pixel_ig_auto(x, tolerance, _CHUNK.value or None),
             f"drig riemann_right {fixed_steps}": lambda: drig.pixel_ig(x, fixed_steps,
                                                                        _chunk(fixed_steps))}
     if captum is not None:
-      captum_steps, captum_gap_found = _fewest_steps(captum_gap, tolerance)
+      captum_steps, captum_gap_found, captum_search_time = _fewest_steps(captum_gap, tolerance)
       runs[f"Captum riemann_right {captum_steps}"] = lambda: captum.pixel_ig(
           x, captum_steps, _CAPTUM_BATCH.value)
     times = {name: [] for name in runs}
+    if _ADAPTIVE_SEARCH_TIMING.value:
+      times[f"drig riemann_right {fixed_steps}"].append(fixed_search_time)
+      if captum is not None:
+        times[f"Captum riemann_right {captum_steps}"].append(captum_search_time)
     for _ in range(_REPEATS.value):  # A B C A B C
       for name, run in runs.items():
+        _settle()
+        t = time.perf_counter()
+        run()
+        times[name].append(time.perf_counter() - t)
+    for name, run in runs.items():  # --repeats=0: drig adaptive still needs one timing
+      if not times[name]:
         _settle()
         t = time.perf_counter()
         run()
