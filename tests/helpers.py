@@ -26,14 +26,12 @@ def flatten(tree, prefix=""):
 def write_trained_run(run_dir, seed=0):
   """A drig.train-like workdir of the tiny model in ``run_dir``: config.json and checkpoints/.
 
-  The variables are random of the right shapes (He-scaled kernels, so
-  activations stay of order 1), filled with numpy: model.init would compile
-  the whole network only to be overwritten. Returns (variables, image size).
-  Shared by the README-snippet and notebook tests.
+  The variables are random of the right shapes (`random_variables`), filled
+  with numpy: model.init would compile the whole network only to be
+  overwritten. Returns (variables, image size). Shared by the README-snippet
+  and notebook tests.
   """
   import os  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import base as base_config  # pylint: disable=g-import-not-at-top
   from drig.models import checkpoints, classifier  # pylint: disable=g-import-not-at-top
 
@@ -42,6 +40,19 @@ def write_trained_run(run_dir, seed=0):
     f.write(config.to_json_best_effort(indent=2))
   model = classifier.build_model(config.model)
   size = config.data.image_size
+  variables = random_variables(model, size, seed)
+  checkpoints.save_variables(os.path.join(run_dir, "checkpoints"), variables)
+  return variables, size
+
+
+def random_variables(model, size, seed=0):
+  """Random variables of ``model`` for size x size inputs, filled with numpy.
+
+  He-scaled kernels (activations stay of order 1), BatchNorm variances in
+  [0.5, 1.5] and scales in [0.8, 1.2], everything else N(0, 0.1).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, size, size, 3), np.float32))
   rng = np.random.default_rng(seed)
 
@@ -51,10 +62,10 @@ def write_trained_run(run_dir, seed=0):
       return rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:-1])), leaf.shape).astype(np.float32)
     if name == "var":
       return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+    if name == "scale":
+      return rng.uniform(0.8, 1.2, leaf.shape).astype(np.float32)
     return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
-  variables = jax.tree_util.tree_map_with_path(fill, shapes)
-  checkpoints.save_variables(os.path.join(run_dir, "checkpoints"), variables)
-  return variables, size
+  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def write_fundus_photo(path, seed=3, grade=3, size=256):

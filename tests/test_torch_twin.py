@@ -20,31 +20,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import torch_twin  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 from drig.models import classifier  # noqa: E402  pylint: disable=wrong-import-position
+import helpers  # noqa: E402  pylint: disable=wrong-import-position
 
 SIZE = 80
-
-
-def _random_variables(model, seed):
-  shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name == "kernel":
-      return rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:-1])), leaf.shape).astype(np.float32)
-    if name == "var":
-      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-    if name == "scale":
-      return rng.uniform(0.8, 1.2, leaf.shape).astype(np.float32)
-    return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 @pytest.mark.parametrize("convention", ["keras", "torchvision"])
 def test_copy_matches_logits_and_input_gradients(convention):
   model = classifier.DRClassifier(width_multiplier=0.125, fc_widths=(32, 16),
                                   convention=convention)
-  variables = _random_variables(model, seed=1)
+  variables = helpers.random_variables(model, SIZE, seed=1)
   twin = torch_twin.from_drig(model, variables)
   x = np.random.default_rng(2).uniform(-1, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
 
@@ -71,7 +56,7 @@ def test_copy_refuses_other_heads():
 
 def test_copy_refuses_parameters_of_another_width():
   narrow = classifier.DRClassifier(width_multiplier=0.125, fc_widths=(8,))
-  variables = _random_variables(narrow, seed=0)
+  variables = helpers.random_variables(narrow, SIZE, seed=0)
   wide = classifier.DRClassifier(width_multiplier=0.25, fc_widths=(8,))
   with pytest.raises(ValueError, match="does not fit"):
     torch_twin.from_drig(wide, variables)
