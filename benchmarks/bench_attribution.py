@@ -28,7 +28,9 @@ Parts (--parts, comma-separated):
   adaptive     time and model evaluations to a relative gap of 1% for every image
                (batches of 1 and 8, at the first of --sizes): drig's steps="auto"
                against drig's and Captum's riemann_right at the fewest doubled steps
-               that reach it, timed alternately.
+               that reach it, timed alternately; then each map's distance from a
+               converged reference (--adaptive_reference_steps), since a small gap
+               can hide errors of opposite sign.
 
 --checkpoint=WORKDIR (a drig.train workdir; --checkpoint_step picks the step, as
 drig.analyze's config.checkpoint_step) replaces the random He weights by that
@@ -52,6 +54,9 @@ Smoke run:
 Time to 1% on a trained grader (the demo's run; smoke: a tiny run, tolerance 0.1):
   python benchmarks/bench_attribution.py --parts=adaptive,convergence \
     --checkpoint=workdirs/runlocal --adaptive_max_fixed_steps=1024
+The same with refinement rounds of one call (checks the gap after every 8 points):
+  python benchmarks/bench_attribution.py --parts=adaptive --checkpoint=workdirs/runlocal \
+    --adaptive_max_fixed_steps=1024 --adaptive_points_per_round=8 --repeats=1
 """
 
 import functools
@@ -126,6 +131,17 @@ _ADAPTIVE_MAX_FIXED = flags.DEFINE_integer(
     "--adaptive_first_steps) for the fixed riemann_right rules of drig and Captum.")
 _ADAPTIVE_FIRST = flags.DEFINE_integer("adaptive_first_steps", 8,
                                        "'adaptive': the first fixed step count tried.")
+_ADAPTIVE_REFERENCE = flags.DEFINE_integer(
+    "adaptive_reference_steps", 2048,
+    "'adaptive': the maps' accuracy is measured against drig's riemann_middle at this many "
+    "steps (and its own at half as many, to show how settled it is); 0: not measured. Costs "
+    "1.5x this many evaluations per image.")
+_ADAPTIVE_ROUND_CAP = flags.DEFINE_integer(
+    "adaptive_points_per_round", 0,
+    "'adaptive': an alternative design to measure: each image adds at most this many points "
+    "per refinement round (the rest only fill the round's last call), so the gap is checked "
+    "after every few points; 0: drig's own rounds, planned until the sum of |interval "
+    "errors| is within tolerance.")
 _ADAPTIVE_SEARCH_TIMING = flags.DEFINE_bool(
     "adaptive_search_timing", False,
     "'adaptive': also count the search's run at the step count found as one timing of each "
@@ -729,10 +745,26 @@ def _needs(steps, gap, tolerance):
           "its time is a lower bound)")
 
 
+def _cap_rounds(points_per_round):
+  """Makes drig's adaptive engine add at most points_per_round points per image per round."""
+  from drig.attribution import adaptive  # pylint: disable=g-import-not-at-top
+  plan = adaptive._plan_image  # pylint: disable=protected-access
+
+  def capped(path, tolerance, budget):
+    chosen, spare, converged = plan(path, tolerance, budget)
+    # chosen is in priority order, above every spare: the rest go first into the fill.
+    spare = [(np.inf, a) for a in chosen[points_per_round:]] + spare
+    return chosen[:points_per_round], spare, converged
+
+  adaptive._plan_image = capped  # pylint: disable=protected-access
+
+
 def part_adaptive(drig, captum):
   """Time and model evaluations to a relative gap of --adaptive_tolerance for every image:
   drig's error-controlled IG, drig's fixed riemann_right and Captum's at the fewest doubled
   steps that reach it (found first, untimed), then timed alternately."""
+  if _ADAPTIVE_ROUND_CAP.value:
+    _cap_rounds(_ADAPTIVE_ROUND_CAP.value)
   size, tolerance = int(_SIZES.value[0]), _ADAPTIVE_TOLERANCE.value
   if isinstance(drig, DrigRun):
     size = drig.image_size
@@ -746,8 +778,11 @@ def part_adaptive(drig, captum):
     adaptive_gap = np.abs(np.asarray(result.gap)) / change
     evaluations = np.asarray(result.steps)
 
+    searched_maps = {}  # steps -> drig's riemann_right attributions
+
     def drig_gap(steps):
-      _, gap = drig.pixel_ig(x, steps, _chunk(steps))
+      attributions, gap = drig.pixel_ig(x, steps, _chunk(steps))
+      searched_maps[steps] = np.asarray(attributions)
       return float((np.abs(np.asarray(gap)) / change).max())
 
     def captum_gap(steps):
@@ -768,7 +803,7 @@ def part_adaptive(drig, captum):
       captum_steps, captum_gap_found, captum_search_time = _fewest_steps(captum_gap, tolerance)
       runs[f"Captum riemann_right {captum_steps}"] = lambda: captum.pixel_ig(
           x, captum_steps, _CAPTUM_BATCH.value)
-    times = {name: [] for name in runs}
+    times, maps = {name: [] for name in runs}, {}
     if _ADAPTIVE_SEARCH_TIMING.value:
       times[f"drig riemann_right {fixed_steps}"].append(fixed_search_time)
       if captum is not None:
@@ -777,13 +812,13 @@ def part_adaptive(drig, captum):
       for name, run in runs.items():
         _settle()
         t = time.perf_counter()
-        run()
+        maps[name] = run()
         times[name].append(time.perf_counter() - t)
     for name, run in runs.items():  # --repeats=0: drig adaptive still needs one timing
       if not times[name]:
         _settle()
         t = time.perf_counter()
-        run()
+        maps[name] = run()
         times[name].append(time.perf_counter() - t)
     best = {name: min(v) for name, v in times.items()}
     fixed_time = best[f"drig riemann_right {fixed_steps}"]
@@ -806,6 +841,47 @@ def part_adaptive(drig, captum):
         f"evaluations, max gap "
         f"{fixed_gap:.2e}), {fixed_time:.2f} s; {captum_words}  (all "
         f"{ {k: ['%.2f' % t for t in v] for k, v in times.items()} })")
+    if _ADAPTIVE_REFERENCE.value:
+      _log_map_errors(drig, x, f"[adaptive {size}px, batch {batch}]", maps, searched_maps,
+                      adaptive_evaluations=int(evaluations.sum()))
+
+
+def _as_map(output):
+  """[N, H, W, C] numpy attributions from any run's output (drig fixed, adaptive, Captum)."""
+  if hasattr(output, "attributions"):
+    return np.asarray(output.attributions)
+  if isinstance(output, tuple):
+    return np.asarray(output[0])
+  return output.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def _relative_errors(attributions, reference):
+  n = reference.shape[0]
+  difference = (attributions - reference).reshape(n, -1)
+  return np.linalg.norm(difference, axis=1) / np.linalg.norm(reference.reshape(n, -1), axis=1)
+
+
+def _log_map_errors(drig, x, prefix, maps, searched_maps, adaptive_evaluations):
+  """How far each map is from the integral itself: the completeness gap bounds only the
+  sum of a map, whose errors of opposite sign can cancel."""
+  steps = _ADAPTIVE_REFERENCE.value
+  reference = np.asarray(drig.pixel_ig(x, steps, _chunk(steps), method="riemann_middle")[0])
+  coarser = np.asarray(drig.pixel_ig(x, steps // 2, _chunk(steps // 2),
+                                     method="riemann_middle")[0])
+  describe = lambda e: f"median {np.median(e):.2%}, max {np.max(e):.2%}"
+  words = [f"reference drig riemann_middle {steps} (at {steps // 2} steps it differs by "
+           f"{describe(_relative_errors(coarser, reference))})"]
+  words += [f"{name} {describe(_relative_errors(_as_map(m), reference))}"
+            for name, m in maps.items()]
+  log(f"{prefix} map error, relative L2 against the reference per image: " + "; ".join(words))
+  adaptive_worst = np.max(_relative_errors(_as_map(maps["drig adaptive"]), reference))
+  fixed = {k: _relative_errors(m, reference) for k, m in sorted(searched_maps.items())}
+  as_accurate = next((k for k, e in fixed.items() if np.max(e) <= adaptive_worst), None)
+  log(f"{prefix} drig riemann_right map error at each searched step count: "
+      + "; ".join(f"{k} {describe(e)}" for k, e in fixed.items())
+      + (f"; the fewest as accurate as drig adaptive's worst image: {as_accurate} steps "
+         f"({as_accurate * x.shape[0]} evaluations against {adaptive_evaluations})"
+         if as_accurate else "; none searched is as accurate as drig adaptive's worst image"))
 
 
 PARTS = {"pixel": part_pixel, "analysis": part_analysis, "memory": part_memory,

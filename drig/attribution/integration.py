@@ -540,7 +540,9 @@ def integrated_gradients(f: Callable, x, baseline, *, steps: int | str = 50,
       least padding (`default_chunk_size`). With "auto": path points per model
       call, across images (None: `default_points_per_call()`).
     tolerance: with "auto", the relative completeness gap each image must meet
-      (> 0; 0.01 is 1% of f(x) - f(baseline)).
+      (> 0; 0.01 is 1% of f(x) - f(baseline)). The gap bounds the sum of the
+      map, not each pixel: errors of opposite sign cancel in it (see
+      docs/attribution.md for how far such maps were from the integral).
     max_steps: with "auto", the most model evaluations per image (>= 2). The
       gradients at every node are kept: N x max_steps x (one image) float32 at most.
 
