@@ -59,6 +59,7 @@ The same with refinement rounds of one call (checks the gap after every 8 points
     --adaptive_max_fixed_steps=1024 --adaptive_points_per_round=8 --repeats=1
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -745,8 +746,13 @@ def _needs(steps, gap, tolerance):
           "its time is a lower bound)")
 
 
-def _cap_rounds(points_per_round):
-  """Makes drig's adaptive engine add at most points_per_round points per image per round."""
+@contextlib.contextmanager
+def _capped_rounds(points_per_round):
+  """Within the block, drig's adaptive engine adds at most points_per_round points per image
+  per round (0: unchanged)."""
+  if not points_per_round:
+    yield
+    return
   from drig.attribution import adaptive  # pylint: disable=g-import-not-at-top
   plan = adaptive._plan_image  # pylint: disable=protected-access
 
@@ -757,14 +763,21 @@ def _cap_rounds(points_per_round):
     return chosen[:points_per_round], spare, converged
 
   adaptive._plan_image = capped  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    adaptive._plan_image = plan  # pylint: disable=protected-access
 
 
 def part_adaptive(drig, captum):
   """Time and model evaluations to a relative gap of --adaptive_tolerance for every image:
   drig's error-controlled IG, drig's fixed riemann_right and Captum's at the fewest doubled
   steps that reach it (found first, untimed), then timed alternately."""
-  if _ADAPTIVE_ROUND_CAP.value:
-    _cap_rounds(_ADAPTIVE_ROUND_CAP.value)
+  with _capped_rounds(_ADAPTIVE_ROUND_CAP.value):
+    _time_to_tolerance(drig, captum)
+
+
+def _time_to_tolerance(drig, captum):
   size, tolerance = int(_SIZES.value[0]), _ADAPTIVE_TOLERANCE.value
   if isinstance(drig, DrigRun):
     size = drig.image_size
