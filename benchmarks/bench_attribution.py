@@ -31,6 +31,9 @@ Parts (--parts, comma-separated):
                that reach it, timed alternately; then each map's distance from a
                converged reference (--adaptive_reference_steps), since a small gap
                can hide errors of opposite sign.
+               --adaptive_control=map: to a relative map error of 1% instead
+               (drig's control="map"; the fixed rules are searched by their maps'
+               distance from that reference).
 
 --checkpoint=WORKDIR (a drig.train workdir; --checkpoint_step picks the step, as
 drig.analyze's config.checkpoint_step) replaces the random He weights by that
@@ -57,6 +60,10 @@ Time to 1% on a trained grader (the demo's run; smoke: a tiny run, tolerance 0.1
 The same with refinement rounds of one call (checks the gap after every 8 points):
   python benchmarks/bench_attribution.py --parts=adaptive --checkpoint=workdirs/runlocal \
     --adaptive_max_fixed_steps=1024 --adaptive_points_per_round=8 --repeats=1
+Time to a 1% map error on the same grader:
+  python benchmarks/bench_attribution.py --parts=adaptive --checkpoint=workdirs/runlocal \
+    --adaptive_control=map --adaptive_reference_steps=4096 --adaptive_max_fixed_steps=2048 \
+    --repeats=1 --adaptive_search_timing
 """
 
 import contextlib
@@ -143,6 +150,12 @@ _ADAPTIVE_ROUND_CAP = flags.DEFINE_integer(
     "per refinement round (the rest only fill the round's last call), so the gap is checked "
     "after every few points; 0: drig's own rounds, planned until the sum of |interval "
     "errors| is within tolerance.")
+_ADAPTIVE_CONTROL = flags.DEFINE_enum(
+    "adaptive_control", "gap", ["gap", "map"],
+    "'adaptive': what drig's error control bounds and the fixed rules are searched for. gap: "
+    "the relative completeness gap; map: each map's relative L2 error against the reference "
+    "(--adaptive_reference_steps), which drig estimates by doubling a nested grid "
+    "(control='map').")
 _ADAPTIVE_SEARCH_TIMING = flags.DEFINE_bool(
     "adaptive_search_timing", False,
     "'adaptive': also count the search's run at the step count found as one timing of each "
@@ -243,12 +256,17 @@ class Drig:
     return jax.block_until_ready(out)
 
   def pixel_ig_auto(self, x, tolerance, chunk_size=None):
-    """Error-controlled pixel IG: an AdaptiveAttribution (steps = evaluations per image)."""
+    """Error-controlled pixel IG: an AdaptiveAttribution (steps = evaluations per image).
+
+    With --adaptive_control=map, max_steps allows one more doubling than the fixed search
+    (a grid of n intervals has n + 1 nodes)."""
     import jax  # pylint: disable=g-import-not-at-top
     b = self.attribution.half_gray_baseline(x)
+    control = _ADAPTIVE_CONTROL.value
+    most = max(2, _ADAPTIVE_MAX_FIXED.value) * (2 if control == "map" else 1) + 1
     out = self.attribution.integrated_gradients(self.quantity, x, b, steps="auto",
                                                 tolerance=tolerance, chunk_size=chunk_size,
-                                                max_steps=max(2, _ADAPTIVE_MAX_FIXED.value))
+                                                max_steps=most, control=control)
     return jax.block_until_ready(out)
 
   def change(self, x):
@@ -784,6 +802,10 @@ def _time_to_tolerance(drig, captum):
   for batch in map(int, _ADAPTIVE_BATCHES.value):
     x = inputs(drig, batch, size, seed=11)
     change = drig.change(x)
+    reference, settled = _reference_maps(drig, x) if _ADAPTIVE_REFERENCE.value else (None, None)
+    by_map = _ADAPTIVE_CONTROL.value == "map"
+    if by_map and reference is None:
+      raise app.UsageError("--adaptive_control=map needs --adaptive_reference_steps > 0")
     t = time.perf_counter()
     result = drig.pixel_ig_auto(x, tolerance, _CHUNK.value or None)
     log(f"[adaptive {size}px, batch {batch}] drig first call (compile + run): "
@@ -796,10 +818,15 @@ def _time_to_tolerance(drig, captum):
     def drig_gap(steps):
       attributions, gap = drig.pixel_ig(x, steps, _chunk(steps))
       searched_maps[steps] = np.asarray(attributions)
+      if by_map:
+        return float(_relative_errors(searched_maps[steps], reference).max())
       return float((np.abs(np.asarray(gap)) / change).max())
 
     def captum_gap(steps):
-      attributions = captum.pixel_ig(x, steps, _CAPTUM_BATCH.value).detach().numpy()
+      output = captum.pixel_ig(x, steps, _CAPTUM_BATCH.value)
+      if by_map:
+        return float(_relative_errors(_as_map(output), reference).max())
+      attributions = output.detach().numpy()
       inputs, baselines = captum._inputs(x)  # pylint: disable=protected-access
       with captum.torch.no_grad():
         torch_change = (captum.forward(inputs)[:, GRADE]
@@ -834,10 +861,11 @@ def _time_to_tolerance(drig, captum):
         maps[name] = run()
         times[name].append(time.perf_counter() - t)
     best = {name: min(v) for name, v in times.items()}
+    bound = "max map error" if by_map else "max gap"
     fixed_time = best[f"drig riemann_right {fixed_steps}"]
     if captum is not None:
       captum_time = best[f"Captum riemann_right {captum_steps}"]
-      captum_words = (f"Captum {_needs(captum_steps, captum_gap_found, tolerance)} (max gap "
+      captum_words = (f"Captum {_needs(captum_steps, captum_gap_found, tolerance)} ({bound} "
                       f"{captum_gap_found:.2e}), "
                       f"{captum_time:.2f} s; Captum / drig adaptive "
                       f"{captum_time / best['drig adaptive']:.2f}x, drig fixed / drig adaptive "
@@ -846,16 +874,19 @@ def _time_to_tolerance(drig, captum):
       captum_words = (f"Captum not run; drig fixed / drig adaptive "
                       f"{fixed_time / best['drig adaptive']:.2f}x")
     weights = drig.description if isinstance(drig, DrigRun) else "random He weights"
-    log(f"[adaptive {size}px, batch {batch}, tolerance {tolerance:g}, {weights}] drig adaptive: "
+    estimates = ("" if result.map_error is None else ", estimated map errors "
+                 + " ".join("%.2e" % e for e in np.asarray(result.map_error)))
+    log(f"[adaptive {size}px, batch {batch}, {_ADAPTIVE_CONTROL.value} tolerance {tolerance:g}, "
+        f"{weights}] drig adaptive: "
         f"evaluations per image {evaluations.tolist()} (total {int(evaluations.sum())}), "
-        f"relative gaps {' '.join('%.2e' % g for g in adaptive_gap)}, converged "
+        f"relative gaps {' '.join('%.2e' % g for g in adaptive_gap)}{estimates}, converged "
         f"{np.asarray(result.converged).tolist()}, {best['drig adaptive']:.2f} s; drig "
         f"riemann_right {_needs(fixed_steps, fixed_gap, tolerance)} ({fixed_steps * batch} "
-        f"evaluations, max gap "
+        f"evaluations, {bound} "
         f"{fixed_gap:.2e}), {fixed_time:.2f} s; {captum_words}  (all "
         f"{ {k: ['%.2f' % t for t in v] for k, v in times.items()} })")
-    if _ADAPTIVE_REFERENCE.value:
-      _log_map_errors(drig, x, f"[adaptive {size}px, batch {batch}]", maps, searched_maps,
+    if reference is not None:
+      _log_map_errors(reference, settled, x, f"[adaptive {size}px, batch {batch}]", maps, searched_maps,
                       adaptive_evaluations=int(evaluations.sum()))
 
 
@@ -874,16 +905,23 @@ def _relative_errors(attributions, reference):
   return np.linalg.norm(difference, axis=1) / np.linalg.norm(reference.reshape(n, -1), axis=1)
 
 
-def _log_map_errors(drig, x, prefix, maps, searched_maps, adaptive_evaluations):
-  """How far each map is from the integral itself: the completeness gap bounds only the
-  sum of a map, whose errors of opposite sign can cancel."""
+def _reference_maps(drig, x):
+  """(drig's riemann_middle maps at --adaptive_reference_steps, the relative errors of its
+  maps at half as many steps against them)."""
   steps = _ADAPTIVE_REFERENCE.value
   reference = np.asarray(drig.pixel_ig(x, steps, _chunk(steps), method="riemann_middle")[0])
   coarser = np.asarray(drig.pixel_ig(x, steps // 2, _chunk(steps // 2),
                                      method="riemann_middle")[0])
+  return reference, _relative_errors(coarser, reference)
+
+
+def _log_map_errors(reference, settled, x, prefix, maps, searched_maps, adaptive_evaluations):
+  """How far each map is from the integral itself: the completeness gap bounds only the
+  sum of a map, whose errors of opposite sign can cancel."""
+  steps = _ADAPTIVE_REFERENCE.value
   describe = lambda e: f"median {np.median(e):.2%}, max {np.max(e):.2%}"
   words = [f"reference drig riemann_middle {steps} (at {steps // 2} steps it differs by "
-           f"{describe(_relative_errors(coarser, reference))})"]
+           f"{describe(settled)})"]
   words += [f"{name} {describe(_relative_errors(_as_map(m), reference))}"
             for name, m in maps.items()]
   log(f"{prefix} map error, relative L2 against the reference per image: " + "; ".join(words))

@@ -93,6 +93,11 @@ def get_config(arg=None):
   # pass; config.steps and config.method are then unused. 0: fixed config.steps (the poster's).
   config.tolerance = 0.0
   config.max_steps = 256
+  # What tolerance bounds: "gap" (the completeness gap; points placed where the
+  # integrand changes) or "map" (also each map's relative L2 error, by doubling a
+  # nested grid, drig.attribution.doubling: several times the evaluations, so
+  # raise max_steps to 1025 or 2049).
+  config.error_control = "gap"
   config.method = "riemann_right"  # the poster's sum over k = 1..m
   config.chunk_size = 0            # path points per image per call; 0: automatic
   # Parts each model call's batch is split into; 0: automatic (2 on a one-device

@@ -554,7 +554,8 @@ def test_configured_baseline_is_resolved_per_batch(setup):
 
 @pytest.mark.parametrize("field, value, message", [
     ("tolerance", -0.1, "a finite number >= 0"), ("tolerance", float("nan"), "a finite number"),
-    ("tolerance", 1.5, "below 1"), ("max_steps", 1, "an integer >= 2")])
+    ("tolerance", 1.5, "below 1"), ("max_steps", 1, "an integer >= 2"),
+    ("error_control", "pixels", "one of 'gap', 'map'")])
 def test_bad_tolerance_and_max_steps_are_named(setup, field, value, message):
   with pytest.raises(errors.AnalysisError, match=rf"config\.{field}=.*{message}"):
     validation.validate_config(_config(setup, **{field: value}))
@@ -581,6 +582,21 @@ def test_error_controlled_shards_store_steps_and_meet_the_tolerance(setup):
   relative = out["pixel_relative_gap.grade_4"]
   assert (relative[converged] <= 0.05 * 1.01).all()
   assert ((steps == 24) | converged).all()  # an image stops converged or at max_steps
+
+
+def test_map_controlled_shards_double_a_nested_grid(setup):
+  config = _config(setup, tolerance=0.05, max_steps=65, error_control="map",
+                   quantities=("grade:4",), methods=("integrated_gradients",))
+  validation.validate_config(config)
+  loaded = model_source.load_model(config)
+  shard = attributor.ShardAttributor(config, loaded, parallel.local_mesh())
+  images = np.random.default_rng(6).integers(0, 256, (2, 80, 80, 3), dtype=np.uint8)
+  out = shard(images, np.arange(2), np.ones((2, 80, 80), bool), None)
+  steps, converged = out["pixel_steps.grade_4"], out["pixel_converged.grade_4"]
+  # 16 intervals, doubled: 33 evaluations at the first estimate, 65 the most allowed.
+  assert set(steps.tolist()) <= {33, 65} and set(out["layer_steps.grade_4"].tolist()) <= {33, 65}
+  assert ((steps == 65) | converged).all()
+  assert (out["pixel_relative_gap.grade_4"][converged] <= 0.05 * 1.01).all()
 
 
 def test_report_shows_integration_accuracy(finished):

@@ -78,10 +78,12 @@ def attribution_key(seed: int, indices: np.ndarray) -> jax.Array:
 
 def integration_arguments(config, chunk: int) -> dict:
   """lesion_detection's integration keywords: fixed config.steps, or with
-  config.tolerance > 0 error-controlled ("auto") to that relative gap, at most
-  config.max_steps evaluations per image (config.chunk_size > 0: points per call)."""
+  config.tolerance > 0 error-controlled ("auto") to that relative gap (and with
+  config.error_control "map" each map's error), at most config.max_steps evaluations
+  per image (config.chunk_size > 0: points per call)."""
   if config.tolerance > 0:
     return dict(steps="auto", tolerance=config.tolerance, max_steps=config.max_steps,
+                control=config.error_control,
                 chunk_size=config.chunk_size if config.chunk_size > 0 else None)
   return dict(steps=config.steps, method=config.method, chunk_size=chunk)
 

@@ -47,7 +47,9 @@ def _run_section(name: str, fn, report: Report, errors: dict, *args) -> None:
 
 def _integration_words(config) -> str:
   if config.tolerance > 0:
-    return (f"error-controlled to a relative completeness gap of {config.tolerance:g} "
+    bound = ("relative completeness gap and estimated relative map error (L2)"
+             if config.error_control == "map" else "relative completeness gap")
+    return (f"error-controlled to a {bound} of {config.tolerance:g} "
             f"(at most {config.max_steps} evaluations per image and pass)")
   return f"{config.steps} steps ({config.method})"
 
@@ -86,6 +88,9 @@ def _integration_accuracy(config, data, report, metrics) -> None:
     shown = above_rows[:config.report_max_rows]
     report.paragraph("Images above tolerance (pixel or layer pass): their maps miss more "
                      "than the tolerance of F(x) - F(baseline)"
+                     + (", or differ from the integral by more than the tolerance (estimated "
+                        "relative L2 error)" if config.error_control == "map"
+                        and config.tolerance > 0 else "")
                      + (f"; the first {len(shown)} of {len(above_rows)} (config.report_max_rows, "
                         "all in metrics.json)." if len(shown) < len(above_rows) else "."))
     report.table(["quantity", "image index", "relative pixel gap", "pixel pass steps",
@@ -112,6 +117,7 @@ def finish(config, workdir: str, result, loaded, images, field_of_view):
       "images": images.description, "layer": config.layer,
       "quantities": list(config.quantities), "steps": config.steps, "method": config.method,
       "tolerance": config.tolerance, "max_steps": config.max_steps,
+      "error_control": config.error_control,
       "baseline": config.baseline, "methods": list(config.methods),
       "palette": config.palette, "figure_formats": list(config.figures.formats),
       "accuracy": float(np.mean(labels[known] == predictions[known])) if known.any() else None,

@@ -25,6 +25,7 @@ from drig.analysis import figures as figures_lib
 from drig.analysis.errors import AnalysisError
 from drig.analysis.quantity_specs import parse_quantity
 from drig.analysis import selection as selection_lib
+from drig.attribution import adaptive
 from drig.attribution import arguments
 from drig.attribution import baselines as baselines_lib
 from drig.attribution import heatmap
@@ -142,6 +143,7 @@ def _check_attribution(config) -> None:
   if tolerance >= 1:
     raise _bad("tolerance", tolerance, "below 1 (a relative gap of 100% or more accepts any map)")
   _int_at_least(config, "max_steps", 2)
+  _one_of(config, "error_control", adaptive.CONTROLS)
   _int_at_least(config, "chunk_size", 0)
   _int_at_least(config, "batch_groups", 0)
   _int_at_least(config, "top_k", 1)

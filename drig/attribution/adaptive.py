@@ -17,6 +17,11 @@ stretches. An interval is split where its values place a single kink
 (`_split_points`), which integrates an interval with one kink exactly. Every evaluated point stays a node of the final rule, so refinement
 never evaluates a point twice.
 
+What is controlled: the completeness gap, which bounds the sum of a map (its
+pixel errors of opposite sign cancel in it). drig.attribution.doubling
+(``control="map"``) controls each map's error instead, at several times the
+evaluations.
+
 Stopping rule (per image): converged when, for every read-out r, the
 completeness gap meets the tolerance,
 
@@ -70,6 +75,10 @@ import numpy as np
 
 
 AUTO = "auto"
+# What "auto" controls: the completeness gap (this module) or the map's error
+# (drig.attribution.doubling).
+CONTROLS = ("gap", "map")
+DEFAULT_CONTROL = "gap"
 DEFAULT_TOLERANCE = 0.01
 # Each node costs one gradient; 256 is where a fixed Riemann rule reaches about 1%
 # on the runlocal grader, so an image that needs more is unusually hard: reported.
@@ -90,12 +99,15 @@ class AdaptiveAttribution(NamedTuple):
     steps: int32 [N], model evaluations (value and gradient, both end points
       included) each image used.
     converged: bool [N], whether the image met the tolerance; False means it
-      stopped at max_steps and its gap may exceed the tolerance.
+      stopped at max_steps and its gap (or map error) may exceed the tolerance.
+    map_error: with ``control="map"``, float32 [N], the estimated relative L2
+      error of each map (drig.attribution.doubling); None with ``control="gap"``.
   """
   attributions: jax.Array
   gap: jax.Array
   steps: jax.Array
   converged: jax.Array
+  map_error: jax.Array | None = None
 
 
 class AdaptiveIntegral(NamedTuple):
@@ -107,11 +119,14 @@ class AdaptiveIntegral(NamedTuple):
     change: float32 [N, R], F_r(end) - F_r(start).
     steps: int32 [N], evaluated nodes per image.
     converged: bool [N].
+    map_error: float64 [N], the map's estimated relative error (control="map"),
+      else None.
   """
   integral: jax.Array
   change: jax.Array
   steps: np.ndarray
   converged: np.ndarray
+  map_error: np.ndarray | None = None
 
 
 def is_auto(steps) -> bool:
@@ -257,11 +272,23 @@ def _plan_image(path: _Path, tolerance: float, budget: int):
   return [p for _, p in chosen], spare, converged
 
 
+def broadcast_start(start, end):
+  """The path's start as [N, ...] (one per image) or [1, ...] (shared), end's dtype."""
+  start = jnp.asarray(start, end.dtype)
+  start = start.reshape((1,) * (end.ndim - start.ndim) + start.shape)
+  if start.shape[0] != end.shape[0]:
+    return jnp.broadcast_to(start, (1,) + end.shape[1:])
+  return jnp.broadcast_to(start, end.shape)
+
+
 def adaptive_path_integral(evaluate: Callable, operands: Any, start, end, *,
                            num_readouts: int, tolerance: float, max_steps: int,
                            points_per_call: int, groups: int,
                            initial_intervals: int = INITIAL_INTERVALS) -> AdaptiveIntegral:
   """Integrates grad F_r along start -> end per image until the completeness gap is in tolerance.
+
+  drig.attribution.doubling controls each map's error instead, with the same
+  arguments (integration.controlled_path_integral picks one).
 
   The arguments are checked by the callers (drig.attribution.integration).
 
@@ -287,12 +314,7 @@ def adaptive_path_integral(evaluate: Callable, operands: Any, start, end, *,
   groups = max(1, min(groups, points_per_call))
   n = end.shape[0]
   acc = _accumulation_dtype(end)
-  start = jnp.asarray(start, end.dtype)
-  start = start.reshape((1,) * (end.ndim - start.ndim) + start.shape)
-  if start.shape[0] != n:
-    start = jnp.broadcast_to(start, (1,) + end.shape[1:])
-  else:
-    start = jnp.broadcast_to(start, end.shape)
+  start = broadcast_start(start, end)
   first = np.linspace(0.0, 1.0, max(1, min(initial_intervals, max_steps - 1)) + 1)
   paths = [_Path() for _ in range(n)]
   converged = np.zeros(n, bool)

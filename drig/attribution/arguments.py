@@ -22,14 +22,20 @@ class AttributionArgumentError(ValueError):
   """An attribution function got arguments it cannot use."""
 
 
-def check_integration_arguments(steps, tolerance, max_steps) -> None:
-  """Validates steps (a positive int or "auto"), tolerance and max_steps.
+def check_integration_arguments(steps, tolerance, max_steps,
+                                control=adaptive.DEFAULT_CONTROL) -> None:
+  """Validates steps (a positive int or "auto"), tolerance, max_steps and control.
 
   Raises:
     AttributionArgumentError: steps is neither an int nor "auto", tolerance is
-      not a finite number > 0, or max_steps is not an int >= 2 (an error-controlled
-      integration evaluates both ends of the path).
+      not a finite number > 0, max_steps is not an int >= 2 (an error-controlled
+      integration evaluates both ends of the path), or control is not one of
+      adaptive.CONTROLS.
   """
+  if not isinstance(control, str) or control not in adaptive.CONTROLS:
+    raise AttributionArgumentError(
+        f"control must be one of {adaptive.CONTROLS} (what steps='auto' bounds: the "
+        f"completeness gap or the map's error), got {control!r}")
   if isinstance(steps, str):
     if not adaptive.is_auto(steps):
       raise AttributionArgumentError(

@@ -116,7 +116,8 @@ def layer_integrated_gradients(to_layer: Callable, from_layer: Callable, x, base
                                chunk_size: int | None = None,
                                channel_axis: int = -1,
                                tolerance: float = adaptive.DEFAULT_TOLERANCE,
-                               max_steps: int = adaptive.DEFAULT_MAX_STEPS) -> LayerAttribution:
+                               max_steps: int = adaptive.DEFAULT_MAX_STEPS,
+                               control: str = adaptive.DEFAULT_CONTROL) -> LayerAttribution:
   """The poster's layer IG: the straight path in activation space, through from_layer only.
 
   Args:
@@ -124,7 +125,7 @@ def layer_integrated_gradients(to_layer: Callable, from_layer: Callable, x, base
     from_layer: activations [N, ...] -> quantity [N] (e.g. a quantity helper
       wrapped around the layer-to-logits function).
     x: the inputs [N, ...]; baseline broadcasts to x (e.g. half_gray_baseline(x)).
-    steps, method, chunk_size, tolerance, max_steps: as for
+    steps, method, chunk_size, tolerance, max_steps, control: as for
       `integrated_gradients`; with steps="auto" the error control runs on the
       activation path (F = from_layer; the kept gradients are activation-sized).
     channel_axis: the activations' channel axis (channels-last by default).
@@ -141,7 +142,7 @@ def layer_integrated_gradients(to_layer: Callable, from_layer: Callable, x, base
   check_scalar_fn(from_layer, activations, name="from_layer")
   result = integrated_gradients(from_layer, activations, baseline_activations, steps=steps,
                                 method=method, chunk_size=chunk_size, tolerance=tolerance,
-                                max_steps=max_steps)
+                                max_steps=max_steps, control=control)
   units, gap = result[:2]
   steps_used, converged = (result.steps, result.converged) if adaptive.is_auto(steps) else \
       (None, None)

@@ -33,7 +33,8 @@ from drig.attribution import adaptive
 from drig.attribution.arguments import (AttributionArgumentError, as_batch, check_baseline,
                                         check_integration_arguments, check_positive_int)
 from drig.attribution.integration import (Operands, _call_operands, accumulation_dtype,
-                                          cached_eval_shape, default_groups_per_call,
+                                          cached_eval_shape, controlled_path_integral,
+                                          default_groups_per_call,
                                           default_points_per_call, integrated_gradients,
                                           least_padding_chunk, path_sum, quadrature)
 from drig.attribution import layer as layer_lib
@@ -182,10 +183,10 @@ def _readout_values_and_gradients(operands, points, rows):
 
 
 def _adaptive_readouts(evaluate, operands, x, baseline, num_readouts, *, tolerance,
-                       max_steps, chunk_size):
+                       max_steps, chunk_size, control):
   """(attributions [N, R, ...x], gaps [N, R], steps, converged) of R read-outs."""
-  result = adaptive.adaptive_path_integral(
-      evaluate, Operands(operands), baseline, x, num_readouts=num_readouts,
+  result = controlled_path_integral(
+      control, evaluate, Operands(operands), baseline, x, num_readouts=num_readouts,
       tolerance=tolerance, max_steps=max_steps,
       points_per_call=_adaptive_points_per_call(chunk_size, num_readouts),
       groups=default_groups_per_call())
@@ -227,7 +228,8 @@ def _check_cotangents(to_layer, x, cotangents):
 def active_regions(to_layer: Callable, x, baseline, cotangents, *, steps: int | str = 50,
                    method: str = "riemann_right", chunk_size: int | None = None,
                    tolerance: float = adaptive.DEFAULT_TOLERANCE,
-                   max_steps: int = adaptive.DEFAULT_MAX_STEPS) -> ActiveRegions:
+                   max_steps: int = adaptive.DEFAULT_MAX_STEPS,
+                   control: str = adaptive.DEFAULT_CONTROL) -> ActiveRegions:
   """Pixel IG of K linear read-outs of a layer, sharing the forward pass per step.
 
   Args:
@@ -242,13 +244,13 @@ def active_regions(to_layer: Callable, x, baseline, cotangents, *, steps: int | 
       read-outs; an image converges when all K do; chunk_size is then path
       points per call across images (None: about 32 / K). The gradients at
       every node are kept: N x nodes x K x (one image) float32.
-    tolerance, max_steps: with steps="auto", as for `integrated_gradients`.
+    tolerance, max_steps, control: with steps="auto", as for `integrated_gradients`.
 
   Returns:
     ActiveRegions: regions [N, K, ...x] and the completeness gap [N, K]; with
     steps="auto" also steps and converged per image.
   """
-  check_integration_arguments(steps, tolerance, max_steps)
+  check_integration_arguments(steps, tolerance, max_steps, control)
   x = as_batch(x)
   baseline = check_baseline(baseline, x)
   cotangents = _check_cotangents(to_layer, x, cotangents)
@@ -257,7 +259,7 @@ def active_regions(to_layer: Callable, x, baseline, cotangents, *, steps: int | 
     return ActiveRegions(*_adaptive_readouts(
         _readout_values_and_gradients, (to_layer, cotangents), x, baseline,
         cotangents.shape[1], tolerance=tolerance, max_steps=max_steps,
-        chunk_size=chunk_size))
+        chunk_size=chunk_size, control=control))
   alphas, weights = quadrature(method, steps)
   operands = (to_layer, cotangents)
   chunk_size = _readout_chunk(chunk_size, steps, x.shape[0], cotangents.shape[1])
@@ -301,7 +303,8 @@ def _units_as_indices(units, layer_shape) -> np.ndarray:
 def unit_active_regions(to_layer: Callable, x, baseline, units, *, steps: int | str = 50,
                         method: str = "riemann_right", chunk_size: int | None = None,
                         crop: bool = True, tolerance: float = adaptive.DEFAULT_TOLERANCE,
-                        max_steps: int = adaptive.DEFAULT_MAX_STEPS) -> ActiveRegions:
+                        max_steps: int = adaptive.DEFAULT_MAX_STEPS,
+                        control: str = adaptive.DEFAULT_CONTROL) -> ActiveRegions:
   """Active regions of single units, each integrated on its receptive field only.
 
   Equal to `active_regions` with `unit_cotangents`, but every unit's
@@ -315,7 +318,7 @@ def unit_active_regions(to_layer: Callable, x, baseline, units, *, steps: int | 
     x, baseline: the inputs and the baseline (broadcasting to x).
     units: int [N, K, 3], (row, column, channel) of each unit per image; e.g.
       np.unravel_index of `select_top_k(layer.units, k)` indices.
-    steps, method, chunk_size, tolerance, max_steps: as for `active_regions`
+    steps, method, chunk_size, tolerance, max_steps, control: as for `active_regions`
       (with "auto" on crops, each unit's crop converges separately; steps is
       then the sum over the image's K crops, converged whether all K did).
     crop: False forces whole-image integration (the reference).
@@ -323,7 +326,7 @@ def unit_active_regions(to_layer: Callable, x, baseline, units, *, steps: int | 
   Returns:
     ActiveRegions: regions [N, K, H, W, C] (zero outside each crop) and gaps [N, K].
   """
-  check_integration_arguments(steps, tolerance, max_steps)
+  check_integration_arguments(steps, tolerance, max_steps, control)
   x = as_batch(x)
   baseline = check_baseline(baseline, x)
   layer_shape = cached_eval_shape(_call_operands, Operands(to_layer), x).shape[1:]
@@ -334,14 +337,16 @@ def unit_active_regions(to_layer: Callable, x, baseline, units, *, steps: int | 
   if plan is None or not plan.exact.all():
     return active_regions(to_layer, x, baseline, unit_cotangents(layer_shape, flat),
                           steps=steps, method=method, chunk_size=chunk_size,
-                          tolerance=tolerance, max_steps=max_steps)
+                          tolerance=tolerance, max_steps=max_steps, control=control)
   return _regions_on_crops(to_layer, x, baseline, plan, steps=steps, method=method,
-                           chunk_size=chunk_size, tolerance=tolerance, max_steps=max_steps)
+                           chunk_size=chunk_size, tolerance=tolerance, max_steps=max_steps,
+                           control=control)
 
 
 def _regions_on_crops(to_layer, x, baseline, plan, *, steps, method, chunk_size,
                       tolerance=adaptive.DEFAULT_TOLERANCE,
-                      max_steps=adaptive.DEFAULT_MAX_STEPS):
+                      max_steps=adaptive.DEFAULT_MAX_STEPS,
+                      control=adaptive.DEFAULT_CONTROL):
   n, k = plan.starts.shape[:2]
   crops = receptive_field.crop_windows(x, plan.starts, plan.size)
   full_baseline = jnp.broadcast_to(baseline, x.shape).astype(x.dtype)
@@ -350,7 +355,8 @@ def _regions_on_crops(to_layer, x, baseline, plan, *, steps, method, chunk_size,
   crop_flat = _units_as_indices(plan.units.reshape(n * k, 1, 3), crop_layer)
   result = active_regions(to_layer, crops, baseline_crops,
                           unit_cotangents(crop_layer, crop_flat), steps=steps, method=method,
-                          chunk_size=chunk_size, tolerance=tolerance, max_steps=max_steps)
+                          chunk_size=chunk_size, tolerance=tolerance, max_steps=max_steps,
+                          control=control)
   regions = result.regions.reshape((n, k) + result.regions.shape[2:])
   regions = receptive_field.paste_windows(regions, plan.starts, x.shape[1:])
   if result.steps is None:
@@ -451,7 +457,8 @@ def lesion_detection(to_layer: Callable, from_layer: Callable, x, baseline, *, k
                      steps: int | str = 50, method: str = "riemann_right",
                      chunk_size: int | None = None, channel_axis: int = -1,
                      tolerance: float = adaptive.DEFAULT_TOLERANCE,
-                     max_steps: int = adaptive.DEFAULT_MAX_STEPS) -> LesionAnalysis:
+                     max_steps: int = adaptive.DEFAULT_MAX_STEPS,
+                     control: str = adaptive.DEFAULT_CONTROL) -> LesionAnalysis:
   """The poster's analysis of one batch: pixel IG, layer IG, top-k active regions.
 
   1. Layer IG at L along the activation path (`layer_integrated_gradients`).
@@ -472,7 +479,7 @@ def lesion_detection(to_layer: Callable, from_layer: Callable, x, baseline, *, k
     steps, method, chunk_size: as for `integrated_gradients` (both integrations;
       None picks each pass's default, see `active_regions`).
     channel_axis: the channel axis of the activations.
-    tolerance, max_steps: with steps="auto" (both passes error-controlled): the
+    tolerance, max_steps, control: with steps="auto" (both passes error-controlled): the
       layer pass as `layer_integrated_gradients`; in the pixel pass an image
       converges when q's pixel IG and every read-out meet the tolerance, the
       read-outs' completeness being cotangent . (to_layer(x) - to_layer(b)).
@@ -483,13 +490,13 @@ def lesion_detection(to_layer: Callable, from_layer: Callable, x, baseline, *, k
   """
   if by not in ("channel", "unit"):
     raise AttributionArgumentError(f"by must be 'channel' or 'unit', got {by!r}")
-  check_integration_arguments(steps, tolerance, max_steps)
+  check_integration_arguments(steps, tolerance, max_steps, control)
   auto = adaptive.is_auto(steps)
   x = as_batch(x)
   baseline = check_baseline(baseline, x)
   layer = layer_lib.layer_integrated_gradients(
       to_layer, from_layer, x, baseline, steps=steps, method=method, chunk_size=chunk_size,
-      channel_axis=channel_axis, tolerance=tolerance, max_steps=max_steps)
+      channel_axis=channel_axis, tolerance=tolerance, max_steps=max_steps, control=control)
   layer_shape = layer.activations.shape[1:]
   if by == "channel":
     top = select_top_k(layer.channels, k)
@@ -516,7 +523,7 @@ def lesion_detection(to_layer: Callable, from_layer: Callable, x, baseline, *, k
   if auto:
     attributions, gaps, steps_used, converged = _adaptive_readouts(
         _pixels_and_readouts_values, operands, x, baseline, cotangents.shape[1] + 1,
-        tolerance=tolerance, max_steps=max_steps, chunk_size=chunk_size)
+        tolerance=tolerance, max_steps=max_steps, chunk_size=chunk_size, control=control)
   else:
     alphas, rule_weights = quadrature(method, steps)
     integral = path_sum(_pixels_and_readouts, operands, baseline, x, alphas, rule_weights,
