@@ -32,6 +32,8 @@ from drig.analysis import images as images_lib
 from drig.analysis import job
 from drig.analysis import model_source
 from drig.analysis import quantity_specs
+from drig.analysis import report as report_lib
+from drig.analysis import report_document
 from drig.analysis import shards as shards_lib
 from drig.analysis import validation
 from drig.attribution import integration
@@ -597,6 +599,29 @@ def test_map_controlled_shards_double_a_nested_grid(setup):
   assert set(steps.tolist()) <= {33, 65} and set(out["layer_steps.grade_4"].tolist()) <= {33, 65}
   assert ((steps == 65) | converged).all()
   assert (out["pixel_relative_gap.grade_4"][converged] <= 0.05 * 1.01).all()
+  # Every image had an estimate (33 evaluations compare 16 with 32 intervals).
+  map_error = out["pixel_map_error.grade_4"]
+  assert map_error.dtype == np.float32 and np.isfinite(map_error).all()
+  assert (map_error[converged] <= 0.05).all()
+
+
+def test_report_shows_the_estimated_map_error_under_map_control(setup, tmp_path):
+  config = _config(setup, tolerance=0.01, max_steps=65, error_control="map",
+                   quantities=("grade:4",))
+  data = {"index": np.arange(3), "pixel_relative_gap.grade_4": np.array([0.001, 0.002, 0.02]),
+          "pixel_steps.grade_4": np.array([33, 65, 65]),
+          "layer_steps.grade_4": np.array([33, 33, 65]),
+          "pixel_converged.grade_4": np.array([True, True, False]),
+          "layer_converged.grade_4": np.array([True, True, True]),
+          "pixel_map_error.grade_4": np.array([0.004, 0.009, 0.03], np.float32)}
+  document = report_document.Report("drig analysis", str(tmp_path))
+  metrics = {}
+  report_lib._integration_accuracy(config, data, document, metrics)  # pylint: disable=protected-access
+  assert metrics["pixel_map_error.grade_4"]["max"] == pytest.approx(0.03)
+  assert metrics["pixel_map_error.grade_4"]["median"] == pytest.approx(0.009)
+  assert metrics["images_above_tolerance.grade_4"] == [2]
+  markdown = document.markdown()
+  assert "estimated map error median / max" in markdown and "0.90% / 3.00%" in markdown
 
 
 def test_report_shows_integration_accuracy(finished):

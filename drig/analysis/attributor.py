@@ -103,7 +103,8 @@ def job_method_options(config, name: str) -> Optional[dict]:
 
 
 def accuracy_arrays(config, q: str, analysis, indices: np.ndarray) -> dict:
-  """Per image: the pixel IG's relative completeness gap, steps used and converged flags.
+  """Per image: the pixel IG's relative completeness gap, steps used, converged flags and
+  (control="map") its estimated relative map error, else NaN.
 
   relative gap: |gap| / |F(x) - F(baseline)| (F(x) - F(baseline) = sum(IG) - gap).
   With fixed steps, steps are config.steps and an image counts as converged when
@@ -139,6 +140,9 @@ def accuracy_arrays(config, q: str, analysis, indices: np.ndarray) -> dict:
   return {f"pixel_relative_gap.{q}": relative.astype(np.float32),
           f"pixel_steps.{q}": np.asarray(pixel_steps, np.int32),
           f"pixel_converged.{q}": np.asarray(pixel_converged, bool),
+          f"pixel_map_error.{q}": (np.full((n,), np.nan, np.float32)
+                                   if getattr(analysis, "map_error", None) is None
+                                   else np.asarray(analysis.map_error, np.float32)),
           f"layer_steps.{q}": np.asarray(layer_steps, np.int32),
           f"layer_converged.{q}": np.asarray(layer_converged, bool)}
 

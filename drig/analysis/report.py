@@ -58,6 +58,7 @@ def _integration_accuracy(config, data, report, metrics) -> None:
   """Per quantity: the distribution of relative pixel gaps and of steps used, and the
   images above tolerance (config.tolerance; 1% with fixed steps)."""
   tolerance = config.tolerance if config.tolerance > 0 else 0.01
+  by_map = config.tolerance > 0 and config.error_control == "map"
   rows, above_rows = [], []
   for spec in map(parse_quantity, config.quantities):
     q = spec.key
@@ -67,6 +68,12 @@ def _integration_accuracy(config, data, report, metrics) -> None:
     rows.append((spec.label, f"{np.median(relative):.2%}", f"{np.percentile(relative, 90):.2%}",
                  f"{relative.max():.2%}", f"{np.median(steps):g} / {steps.max()}",
                  f"{np.median(layer_steps):g} / {layer_steps.max()}", int(above.sum())))
+    if by_map:
+      # NaN where max_steps allowed no estimate: shown as nan, never hidden.
+      map_error = data[f"pixel_map_error.{q}"]
+      rows[-1] += (f"{np.median(map_error):.2%} / {np.max(map_error):.2%}",)
+      metrics[f"pixel_map_error.{q}"] = {"median": float(np.median(map_error)),
+                                         "max": float(np.max(map_error))}
     above_rows += [(spec.label, int(data["index"][i]), f"{relative[i]:.2%}", int(steps[i]),
                     int(layer_steps[i])) for i in np.flatnonzero(above)]
     metrics[f"pixel_relative_gap.{q}"] = {
@@ -83,7 +90,8 @@ def _integration_accuracy(config, data, report, metrics) -> None:
       + ("." if config.tolerance > 0 else " (fixed steps: not controlled, only checked)."))
   report.table(["quantity", "relative gap median", "90th percentile", "max",
                 "pixel pass steps median / max", "layer pass steps median / max",
-                "images above tolerance"], rows)
+                "images above tolerance"]
+               + (["estimated map error median / max"] if by_map else []), rows)
   if above_rows:
     shown = above_rows[:config.report_max_rows]
     report.paragraph("Images above tolerance (pixel or layer pass): their maps miss more "

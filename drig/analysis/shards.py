@@ -21,7 +21,7 @@ import numpy as np
 from drig.analysis.errors import AnalysisError
 
 SHARD_PATTERN = "shard-{:05d}.npz"
-SHARD_FORMAT_VERSION = 1
+SHARD_FORMAT_VERSION = 2
 # Keys every shard has, whatever the config (docs/analysis.md).
 BASE_KEYS = ("index", "name", "label", "probabilities", "prediction", "skipped_index",
              "skipped_name", "skipped_reason", "format_version")
@@ -32,7 +32,8 @@ QUANTITY_KEYS = ("pixel_ig.{q}", "pixel_ig.{q}.scale", "pixel_gap.{q}", "layer_c
                  "positive_resultant.{q}.scale", "negative_resultant.{q}",
                  "negative_resultant.{q}.scale", "region_gaps.{q}", "gradient.{q}",
                  "gradient.{q}.scale", "pixel_relative_gap.{q}", "pixel_steps.{q}",
-                 "pixel_converged.{q}", "layer_steps.{q}", "layer_converged.{q}")
+                 "pixel_converged.{q}", "pixel_map_error.{q}", "layer_steps.{q}",
+                 "layer_converged.{q}")
 
 
 class ShardReadError(AnalysisError):

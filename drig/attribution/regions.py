@@ -184,14 +184,17 @@ def _readout_values_and_gradients(operands, points, rows):
 
 def _adaptive_readouts(evaluate, operands, x, baseline, num_readouts, *, tolerance,
                        max_steps, chunk_size, control):
-  """(attributions [N, R, ...x], gaps [N, R], steps, converged) of R read-outs."""
+  """(attributions [N, R, ...x], gaps [N, R], steps, converged, map_error) of R read-outs
+  (map_error: float32 [N], worst read-out, with control="map"; else None)."""
   result = controlled_path_integral(
       control, evaluate, Operands(operands), baseline, x, num_readouts=num_readouts,
       tolerance=tolerance, max_steps=max_steps,
       points_per_call=_adaptive_points_per_call(chunk_size, num_readouts),
       groups=default_groups_per_call())
   attributions, gaps = adaptive.finish(x, baseline, result.integral, result.change)
-  return attributions, gaps, jnp.asarray(result.steps), jnp.asarray(result.converged)
+  map_error = None if result.map_error is None else jnp.asarray(result.map_error, jnp.float32)
+  return (attributions, gaps, jnp.asarray(result.steps), jnp.asarray(result.converged),
+          map_error)
 
 
 def _readout_gradients(operands, points, deltas):
@@ -259,7 +262,7 @@ def active_regions(to_layer: Callable, x, baseline, cotangents, *, steps: int | 
     return ActiveRegions(*_adaptive_readouts(
         _readout_values_and_gradients, (to_layer, cotangents), x, baseline,
         cotangents.shape[1], tolerance=tolerance, max_steps=max_steps,
-        chunk_size=chunk_size, control=control))
+        chunk_size=chunk_size, control=control)[:4])
   alphas, weights = quadrature(method, steps)
   operands = (to_layer, cotangents)
   chunk_size = _readout_chunk(chunk_size, steps, x.shape[0], cotangents.shape[1])
@@ -388,6 +391,8 @@ class LesionAnalysis(NamedTuple):
       pass per image (the layer pass's are layer.steps); else None.
     converged: with steps="auto", bool [N]: the pixel quantity and every
       read-out met the tolerance (the layer pass's flag is layer.converged).
+    map_error: with control="map", float32 [N]: the pixel and read-out pass's
+      estimated relative map error (worst of them); else None.
   """
   pixels: jax.Array
   pixel_gap: jax.Array
@@ -400,6 +405,7 @@ class LesionAnalysis(NamedTuple):
   region_gaps: jax.Array
   steps: jax.Array | None = None
   converged: jax.Array | None = None
+  map_error: jax.Array | None = None
 
 
 def _pixels_and_readouts_values(operands, points, rows):
@@ -519,9 +525,9 @@ def lesion_detection(to_layer: Callable, from_layer: Callable, x, baseline, *, k
     cotangents = jnp.concatenate([combine_cotangents(cotangents[:, :k], weights[:, :k]),
                                   combine_cotangents(cotangents[:, k:], weights[:, k:])], axis=1)
   operands = (to_layer, from_layer, cotangents)
-  steps_used = converged = None
+  steps_used = converged = map_error = None
   if auto:
-    attributions, gaps, steps_used, converged = _adaptive_readouts(
+    attributions, gaps, steps_used, converged, map_error = _adaptive_readouts(
         _pixels_and_readouts_values, operands, x, baseline, cotangents.shape[1] + 1,
         tolerance=tolerance, max_steps=max_steps, chunk_size=chunk_size, control=control)
   else:
@@ -540,7 +546,7 @@ def lesion_detection(to_layer: Callable, from_layer: Callable, x, baseline, *, k
     positive = negative = None
     positive_resultant, negative_resultant = regions[:, 0], regions[:, 1]
   return LesionAnalysis(pixels, gaps[:, 0], layer, top, positive, negative, positive_resultant,
-                        negative_resultant, gaps[:, 1:], steps_used, converged)
+                        negative_resultant, gaps[:, 1:], steps_used, converged, map_error)
 
 
 def _compose(to_layer, from_layer, x):
