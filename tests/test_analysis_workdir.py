@@ -125,7 +125,8 @@ def test_shard_problem_names_truncated_old_and_incomplete_files(tmp_path):
   assert "BadZipFile" in shards_lib.shard_problem(str(truncated))
   old = tmp_path / "shard-00002.npz"
   _write_shard(old, format_version=np.array(0))
-  assert "format_version 0, expected 1" in shards_lib.shard_problem(str(old))
+  expected = shards_lib.SHARD_FORMAT_VERSION
+  assert f"format_version 0, expected {expected}" in shards_lib.shard_problem(str(old))
   incomplete = tmp_path / "shard-00003.npz"
   _write_shard(incomplete, prediction=None)
   assert "missing keys prediction" in shards_lib.shard_problem(str(incomplete))
