@@ -34,11 +34,15 @@ Parts (--parts, comma-separated):
                --adaptive_control=map: to a relative map error of 1% instead
                (drig's control="map"; the fixed rules are searched by their maps'
                distance from that reference).
+  doubling     the map control's estimate against the maps' true error on nested
+               trapezoid grids (--doubling_intervals; images: the largest of
+               --adaptive_batches), with Richardson extrapolation and the cosine of
+               successive differences.
 
 --checkpoint=WORKDIR (a drig.train workdir; --checkpoint_step picks the step, as
 drig.analyze's config.checkpoint_step) replaces the random He weights by that
-trained grader in 'convergence' and 'adaptive' (the only parts it allows): drig's
-own architecture at the run's image size (--sizes is then unused), on the first
+trained grader in 'convergence', 'adaptive' and 'doubling' (the only parts it allows):
+drig's own architecture at the run's image size (--sizes is then unused), on the first
 images of --checkpoint_split of the run's data set whose true grade is at least
 --checkpoint_min_grade. Captum runs a torch copy of the run's network
 (benchmarks/torch_twin.py), checked against drig's on two of those images first.
@@ -156,14 +160,18 @@ _ADAPTIVE_CONTROL = flags.DEFINE_enum(
     "the relative completeness gap; map: each map's relative L2 error against the reference "
     "(--adaptive_reference_steps), which drig estimates by doubling a nested grid "
     "(control='map').")
+_DOUBLING_INTERVALS = flags.DEFINE_list(
+    "doubling_intervals", ["16", "32", "64", "128", "256", "512", "1024"],
+    "'doubling': the nested grids' interval counts (each twice the previous).")
 _ADAPTIVE_SEARCH_TIMING = flags.DEFINE_bool(
     "adaptive_search_timing", False,
     "'adaptive': also count the search's run at the step count found as one timing of each "
     "fixed rule (it includes the gap's two forward passes); with --repeats=0 the fixed rules "
     "run only in the search, for paths so long that a timed rerun would double the cost.")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "", "A drig.train workdir: 'convergence' and 'adaptive' attribute its trained "
-    "grader on its data set's images instead of random He weights on smooth random images.")
+    "checkpoint", "", "A drig.train workdir: 'convergence', 'adaptive' and 'doubling' "
+    "attribute its trained grader on its data set's images instead of random He weights on "
+    "smooth random images.")
 _CHECKPOINT_STEP = flags.DEFINE_string(
     "checkpoint_step", "best", "With --checkpoint: 'best' (validation kappa), 'latest' or a "
     "step number.")
@@ -935,12 +943,45 @@ def _log_map_errors(reference, settled, x, prefix, maps, searched_maps, adaptive
          if as_accurate else "; none searched is as accurate as drig adaptive's worst image"))
 
 
+def part_doubling(drig, captum):
+  """How well control="map"'s estimate tracks the map's error: trapezoid maps on nested
+  grids of --doubling_intervals, against the reference (--adaptive_reference_steps)."""
+  del captum
+  size = drig.image_size if isinstance(drig, DrigRun) else int(_SIZES.value[0])
+  x = inputs(drig, max(map(int, _ADAPTIVE_BATCHES.value)), size, seed=11)
+  reference, settled = _reference_maps(drig, x)
+  log(f"[doubling {size}px, {x.shape[0]} images] reference drig riemann_middle "
+      f"{_ADAPTIVE_REFERENCE.value}; at half the steps it differs by median "
+      f"{np.median(settled):.2%}, max {np.max(settled):.2%}")
+  n = x.shape[0]
+  flat = lambda a: np.asarray(a, np.float64).reshape(n, -1)
+  norm = lambda a: np.linalg.norm(a, axis=1)
+  truth = flat(reference)
+  levels = []
+  for m in map(int, _DOUBLING_INTERVALS.value):
+    levels.append(flat(drig.pixel_ig(x, m + 1, _chunk(m + 1), method="trapezoid")[0]))
+    if len(levels) < 3:
+      continue
+    coarse, middle, fine = levels[-3:]
+    d1, d2 = middle - coarse, fine - middle
+    error = norm(fine - truth) / norm(truth)
+    ratio = norm(d2) / norm(fine) / error
+    extrapolated = norm(2 * fine - middle - truth) / norm(truth)
+    cosine = np.sum(d1 * d2, axis=1) / (norm(d1) * norm(d2))
+    span = lambda v, f="%.2f": f"{f % np.min(v)} / {f % np.median(v)} / {f % np.max(v)}"
+    log(f"[doubling {size}px] {m} intervals: map error min / median / max "
+        f"{span(error * 100, '%.3f')}%; estimate / error {span(ratio)}; Richardson "
+        f"(2 A_2m - A_m) error {span(extrapolated * 100, '%.3f')}%; cosine of successive "
+        f"differences {span(cosine)}")
+
+
 PARTS = {"pixel": part_pixel, "analysis": part_analysis, "memory": part_memory,
          "flops": part_flops, "maxpool": part_maxpool, "xla_flags": part_xla_flags,
          "batching": part_batching,
-         "convergence": part_convergence, "adaptive": part_adaptive}
+         "convergence": part_convergence, "adaptive": part_adaptive,
+         "doubling": part_doubling}
 # The parts that --checkpoint (a trained drig run) can run.
-CHECKPOINT_PARTS = {"convergence", "adaptive"}
+CHECKPOINT_PARTS = {"convergence", "adaptive", "doubling"}
 
 
 def main(argv):
