@@ -563,14 +563,19 @@ def test_bad_tolerance_and_max_steps_are_named(setup, field, value, message):
     validation.validate_config(_config(setup, **{field: value}))
 
 
-def test_error_controlled_shards_store_steps_and_meet_the_tolerance(setup):
-  config = _config(setup, tolerance=0.05, max_steps=24, quantities=("grade:4",),
-                   methods=("integrated_gradients",))
+def _attribute_two_images(config):
+  """(the shard arrays of two random 80 px images, their images, loaded model, attributor)."""
   validation.validate_config(config)
   loaded = model_source.load_model(config)
   shard = attributor.ShardAttributor(config, loaded, parallel.local_mesh())
   images = np.random.default_rng(6).integers(0, 256, (2, 80, 80, 3), dtype=np.uint8)
-  out = shard(images, np.arange(2), np.ones((2, 80, 80), bool), None)
+  return shard(images, np.arange(2), np.ones((2, 80, 80), bool), None), images, loaded, shard
+
+
+def test_error_controlled_shards_store_steps_and_meet_the_tolerance(setup):
+  config = _config(setup, tolerance=0.05, max_steps=24, quantities=("grade:4",),
+                   methods=("integrated_gradients",))
+  out, images, loaded, shard = _attribute_two_images(config)
   steps, converged = out["pixel_steps.grade_4"], out["pixel_converged.grade_4"]
   assert steps.dtype == np.int32 and steps.shape == (2,) and (steps >= 2).all()
   assert (steps <= 24).all() and (out["layer_steps.grade_4"] <= 24).all()
@@ -589,11 +594,7 @@ def test_error_controlled_shards_store_steps_and_meet_the_tolerance(setup):
 def test_map_controlled_shards_double_a_nested_grid(setup):
   config = _config(setup, tolerance=0.05, max_steps=65, error_control="map",
                    quantities=("grade:4",), methods=("integrated_gradients",))
-  validation.validate_config(config)
-  loaded = model_source.load_model(config)
-  shard = attributor.ShardAttributor(config, loaded, parallel.local_mesh())
-  images = np.random.default_rng(6).integers(0, 256, (2, 80, 80, 3), dtype=np.uint8)
-  out = shard(images, np.arange(2), np.ones((2, 80, 80), bool), None)
+  out = _attribute_two_images(config)[0]
   steps, converged = out["pixel_steps.grade_4"], out["pixel_converged.grade_4"]
   # 16 intervals, doubled: 33 evaluations at the first estimate, 65 the most allowed.
   assert set(steps.tolist()) <= {33, 65} and set(out["layer_steps.grade_4"].tolist()) <= {33, 65}

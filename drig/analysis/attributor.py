@@ -141,7 +141,7 @@ def accuracy_arrays(config, q: str, analysis, indices: np.ndarray) -> dict:
           f"pixel_steps.{q}": np.asarray(pixel_steps, np.int32),
           f"pixel_converged.{q}": np.asarray(pixel_converged, bool),
           f"pixel_map_error.{q}": (np.full((n,), np.nan, np.float32)
-                                   if getattr(analysis, "map_error", None) is None
+                                   if analysis.map_error is None
                                    else np.asarray(analysis.map_error, np.float32)),
           f"layer_steps.{q}": np.asarray(layer_steps, np.int32),
           f"layer_converged.{q}": np.asarray(layer_converged, bool)}

@@ -97,8 +97,7 @@ def _integration_accuracy(config, data, report, metrics) -> None:
     report.paragraph("Images above tolerance (pixel or layer pass): their maps miss more "
                      "than the tolerance of F(x) - F(baseline)"
                      + (", or differ from the integral by more than the tolerance (estimated "
-                        "relative L2 error)" if config.error_control == "map"
-                        and config.tolerance > 0 else "")
+                        "relative L2 error)" if by_map else "")
                      + (f"; the first {len(shown)} of {len(above_rows)} (config.report_max_rows, "
                         "all in metrics.json)." if len(shown) < len(above_rows) else "."))
     report.table(["quantity", "image index", "relative pixel gap", "pixel pass steps",
