@@ -14,6 +14,7 @@ import pytest
 
 from drig import attribution
 from drig.attribution import integration as ig_lib
+from drig.attribution import point_calls
 
 ALL_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "trapezoid",
                "gausslegendre")
@@ -145,10 +146,10 @@ def test_chunked_equals_unchunked_and_loops_agree(cnn, method):
 
 
 def test_groups_split_every_chunk_into_contiguous_ranges():
-  assert ig_lib._group_bounds(8, 2) == [(0, 4), (4, 8)]
-  assert ig_lib._group_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)]
-  assert ig_lib._group_bounds(2, 4) == [(0, 1), (1, 2)]  # never an empty group
-  assert ig_lib._group_bounds(5, 1) == [(0, 5)]
+  assert point_calls.group_bounds(8, 2) == [(0, 4), (4, 8)]
+  assert point_calls.group_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)]
+  assert point_calls.group_bounds(2, 4) == [(0, 1), (1, 2)]  # never an empty group
+  assert point_calls.group_bounds(5, 1) == [(0, 5)]
   f = lambda p: jnp.sum(p, axis=1)
   with pytest.raises(attribution.AttributionArgumentError, match="groups must be >= 1"):
     ig_lib._integrated_gradients(f, jnp.ones((1, 3)), 0.0, steps=4, method="riemann_right",

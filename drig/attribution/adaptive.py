@@ -65,13 +65,14 @@ N x nodes x R x (size of one input) in all (R read-outs; pixel IG at 256 px:
 
 from __future__ import annotations
 
-import functools
 import heapq
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from drig.attribution import point_calls
 
 
 AUTO = "auto"
@@ -132,47 +133,6 @@ class AdaptiveIntegral(NamedTuple):
 def is_auto(steps) -> bool:
   """Whether `steps` asks for error-controlled integration."""
   return isinstance(steps, str) and steps == AUTO
-
-
-def _accumulation_dtype(x) -> jnp.dtype:
-  # As integration.accumulation_dtype (which imports this module): float32 or float64.
-  return jnp.result_type(jnp.float32, x.dtype)
-
-
-def _group_bounds(size: int, groups: int) -> list[tuple[int, int]]:
-  # As integration._group_bounds: `groups` contiguous, near-equal ranges of a batch.
-  groups = max(1, min(groups, size))
-  edges = [round(i * size / groups) for i in range(groups + 1)]
-  return list(zip(edges[:-1], edges[1:]))
-
-
-def _expand(values, ndim):
-  return values.reshape(values.shape + (1,) * (ndim - values.ndim))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _evaluate_batch(evaluate, groups, operands, start, end, rows, alphas):
-  acc = _accumulation_dtype(end)
-  e = end[rows].astype(acc)
-  s = start[jnp.minimum(rows, start.shape[0] - 1)].astype(acc)
-  delta = e - s
-  a = _expand(alphas.astype(acc), e.ndim)
-  # The end points exactly, not s + 1 * (e - s) rounded.
-  points = jnp.where(a == 1, e, jnp.where(a == 0, s, s + a * delta)).astype(end.dtype)
-  values, grads = [], []
-  # Independent groups: XLA:CPU overlaps them (integration.DEFAULT_GROUPS_PER_CALL).
-  for lo, hi in _group_bounds(points.shape[0], groups):
-    v, g = evaluate(operands.tree, points[lo:hi], rows[lo:hi])
-    values.append(v.astype(acc))
-    grads.append(g.astype(acc))
-  values, grads = jnp.concatenate(values), jnp.concatenate(grads)
-  slopes = jnp.sum(grads * delta[:, None], axis=tuple(range(2, grads.ndim)))
-  return values, slopes, grads
-
-
-@functools.partial(jax.jit, donate_argnums=(3,))
-def _accumulate(grads, rows, weights, total):
-  return total.at[rows].add(_expand(weights.astype(grads.dtype), grads.ndim) * grads)
 
 
 class _Path:
@@ -311,9 +271,8 @@ def adaptive_path_integral(evaluate: Callable, operands: Any, start, end, *,
   Returns:
     An AdaptiveIntegral.
   """
-  groups = max(1, min(groups, points_per_call))
   n = end.shape[0]
-  acc = _accumulation_dtype(end)
+  acc = point_calls.accumulation_dtype(end)
   start = broadcast_start(start, end)
   first = np.linspace(0.0, 1.0, max(1, min(initial_intervals, max_steps - 1)) + 1)
   paths = [_Path() for _ in range(n)]
@@ -322,18 +281,13 @@ def adaptive_path_integral(evaluate: Callable, operands: Any, start, end, *,
   pending = [(i, float(a)) for i in range(n) for a in first]
   while pending:
     pending.sort()
-    for lo in range(0, len(pending), points_per_call):
-      part = pending[lo:lo + points_per_call]
-      # Padding repeats the last point (weight 0 at the end, never a node).
-      padded = part + [part[-1]] * (points_per_call - len(part))
-      rows = np.array([i for i, _ in padded], np.int32)
-      alphas = np.array([a for _, a in padded], np.float64)
-      values, slopes, grads = _evaluate_batch(evaluate, groups, operands, start, end,
-                                              jnp.asarray(rows), jnp.asarray(alphas, acc))
-      values, slopes = np.asarray(values, np.float64), np.asarray(slopes, np.float64)
-      for row, (i, a) in enumerate(part):
-        paths[i].nodes[a] = (values[row], slopes[row], (len(batches), row))
-      batches.append((grads, rows))
+    for call in point_calls.evaluate_points(evaluate, operands, start, end, pending,
+                                            points_per_call=points_per_call, groups=groups):
+      # The padding rows (weight 0 at the end) are never nodes.
+      for row in range(call.count):
+        paths[call.rows[row]].nodes[float(call.alphas[row])] = (
+            call.values[row], call.slopes[row], (len(batches), row))
+      batches.append((call.grads, call.rows))
     pending, spare = [], []
     for i, path in enumerate(paths):
       chosen, extra, converged[i] = _plan_image(path, tolerance, max_steps - len(path.nodes))
@@ -350,7 +304,7 @@ def adaptive_path_integral(evaluate: Callable, operands: Any, start, end, *,
       batch, row = path.nodes[a][2]
       weights[batch][row] = w
   for (grads, rows), w in zip(batches, weights):
-    total = _accumulate(grads, jnp.asarray(rows), jnp.asarray(w, acc), total)
+    total = point_calls.accumulate(grads, jnp.asarray(rows), jnp.asarray(w, acc), total)
   change = np.stack([path.nodes[1.0][0] - path.nodes[0.0][0] for path in paths])
   steps = np.array([len(path.nodes) for path in paths], np.int32)
   return AdaptiveIntegral(total, jnp.asarray(change, acc), steps, converged)
@@ -383,7 +337,7 @@ def for_rows(f: Callable, rows) -> Callable:
 def scalar_value_and_gradient(f, points, rows):
   """evaluate for one scalar quantity f: [B] -> ([B, 1], [B, 1, ...])."""
   f = for_rows(f, rows)
-  acc = _accumulation_dtype(points)
+  acc = point_calls.accumulation_dtype(points)
   values, pullback = jax.vjp(lambda p: f(p).astype(acc), points)
   (grads,) = pullback(jnp.ones_like(values))
   return values[:, None], grads[:, None]

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drig.attribution import adaptive
+from drig.attribution import point_calls
 
 # The first estimate compares 16 with 32 intervals (33 evaluations): coarser grids
 # can agree by chance while both miss a narrow feature.
@@ -63,18 +64,18 @@ def _add_level(sums, level, intervals, active, delta):
   and A_2m - A_m = delta * (level - sums) / 2m.
   """
   scale = 1 / (2 * intervals.astype(sums.dtype))
-  scale = adaptive._expand(scale, sums.ndim)  # pylint: disable=protected-access
+  scale = point_calls.expand(scale, sums.ndim)
   maps = delta[:, None].astype(sums.dtype)
   axes = tuple(range(2, sums.ndim))
   change = jnp.sqrt(jnp.sum(jnp.square(maps * (level - sums) * scale), axis=axes))
-  new = jnp.where(adaptive._expand(active, sums.ndim), sums + level, sums)  # pylint: disable=protected-access
+  new = jnp.where(point_calls.expand(active, sums.ndim), sums + level, sums)
   norm = jnp.sqrt(jnp.sum(jnp.square(maps * new * scale), axis=axes))
   return new, change, norm
 
 
 @jax.jit
 def _integral(sums, intervals):
-  return sums / adaptive._expand(intervals.astype(sums.dtype), sums.ndim)  # pylint: disable=protected-access
+  return sums / point_calls.expand(intervals.astype(sums.dtype), sums.ndim)
 
 
 def doubling_path_integral(evaluate: Callable, operands: Any, start, end, *,
@@ -89,9 +90,8 @@ def doubling_path_integral(evaluate: Callable, operands: Any, start, end, *,
   where max_steps allowed no second level). steps is 2^k * initial_intervals + 1
   per image.
   """
-  groups = max(1, min(groups, points_per_call))
   n = end.shape[0]
-  acc = adaptive._accumulation_dtype(end)  # pylint: disable=protected-access
+  acc = point_calls.accumulation_dtype(end)
   start = adaptive.broadcast_start(start, end)
   delta = end.astype(acc) - jnp.broadcast_to(start, end.shape).astype(acc)
   first = max(1, min(initial_intervals, max_steps - 1))
@@ -104,26 +104,21 @@ def doubling_path_integral(evaluate: Callable, operands: Any, start, end, *,
   sums = None
   while active.any():
     if sums is None:
-      nodes = [(i, k / first, 0.5 if k in (0, first) else 1.0)
-               for i in range(n) for k in range(first + 1)]
+      points = [(i, k / first) for i in range(n) for k in range(first + 1)]
     else:
-      nodes = [(i, (2 * k + 1) / (2 * intervals[i]), 1.0)
-               for i in np.flatnonzero(active) for k in range(intervals[i])]
+      points = [(i, (2 * k + 1) / (2 * intervals[i]))
+                for i in np.flatnonzero(active) for k in range(intervals[i])]
     level = jnp.zeros((n, num_readouts) + end.shape[1:], acc)
-    for lo in range(0, len(nodes), points_per_call):
-      part = nodes[lo:lo + points_per_call]
-      # Padding repeats the last point with weight 0.
-      padded = part + [(part[-1][0], part[-1][1], 0.0)] * (points_per_call - len(part))
-      rows = np.array([i for i, _, _ in padded], np.int32)
-      alphas = np.array([a for _, a, _ in padded], np.float64)
-      weights = np.array([w for _, _, w in padded], np.float64)
-      values, slopes, grads = adaptive._evaluate_batch(  # pylint: disable=protected-access
-          evaluate, groups, operands, start, end, jnp.asarray(rows), jnp.asarray(alphas, acc))
-      values, slopes = np.asarray(values, np.float64), np.asarray(slopes, np.float64)
-      np.add.at(slope_sums, rows, weights[:, None] * slopes)
-      f_start[rows[alphas == 0]] = values[alphas == 0]
-      f_end[rows[alphas == 1]] = values[alphas == 1]
-      level = adaptive._accumulate(grads, jnp.asarray(rows), jnp.asarray(weights, acc), level)  # pylint: disable=protected-access
+    for call in point_calls.evaluate_points(evaluate, operands, start, end, points,
+                                            points_per_call=points_per_call, groups=groups):
+      # Trapezoid weights with unit spacing: the ends halved, padding rows 0.
+      weights = np.where((call.alphas == 0) | (call.alphas == 1), 0.5, 1.0)
+      weights[call.count:] = 0.0
+      np.add.at(slope_sums, call.rows, weights[:, None] * call.slopes)
+      f_start[call.rows[call.alphas == 0]] = call.values[call.alphas == 0]
+      f_end[call.rows[call.alphas == 1]] = call.values[call.alphas == 1]
+      level = point_calls.accumulate(call.grads, jnp.asarray(call.rows),
+                                     jnp.asarray(weights, acc), level)
     if sums is None:
       sums, intervals[:] = level, first
     else:

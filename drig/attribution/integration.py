@@ -66,6 +66,7 @@ from drig.attribution import doubling
 from drig.attribution.arguments import (AttributionArgumentError, as_batch, check_baseline,
                                         check_integration_arguments, check_positive_int)
 from drig.attribution.adaptive import AdaptiveAttribution
+from drig.attribution.point_calls import accumulation_dtype, group_bounds
 
 # Half gray (drig.grading.HALF_GRAY) in each input space a model may use.
 HALF_GRAY_PIXEL = float(grading.HALF_GRAY)
@@ -159,11 +160,6 @@ def quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     roots, legendre_weights = np.polynomial.legendre.leggauss(n)
     alphas, weights = 0.5 * (1.0 + roots), 0.5 * legendre_weights
   return alphas, weights
-
-
-def accumulation_dtype(*arrays) -> jnp.dtype:
-  """float32, or float64 if an input is float64 (with jax_enable_x64); never lower."""
-  return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
 
 
 def default_points_per_call() -> int:
@@ -325,13 +321,6 @@ def _contribution_of_operands(integrand, *args):
   return _chunk_contribution(integrand.tree, *args)
 
 
-def _group_bounds(size: int, groups: int) -> list[tuple[int, int]]:
-  """Splits a chunk's `size` nodes into `groups` contiguous, near-equal ranges."""
-  groups = max(1, min(groups, size))
-  edges = [round(i * size / groups) for i in range(groups + 1)]
-  return list(zip(edges[:-1], edges[1:]))
-
-
 @jax.tree_util.register_pytree_node_class
 class BatchGroups:
   """``fn`` applied to ``groups`` contiguous parts of its batch, results concatenated.
@@ -355,7 +344,7 @@ class BatchGroups:
     self.fn, self.groups = fn, int(groups)
 
   def __call__(self, x):
-    bounds = _group_bounds(x.shape[0], self.groups)
+    bounds = group_bounds(x.shape[0], self.groups)
     if len(bounds) == 1:
       return self.fn(x)
     parts = [self.fn(x[lo:hi]) for lo, hi in bounds]
@@ -373,7 +362,7 @@ class BatchGroups:
 def _chunk_step(integrand, groups, operands, start, end, alphas, scales, weights, total):
   # The groups share no values, so XLA may run them concurrently; the sum's
   # order is fixed, so results do not depend on the scheduling.
-  for lo, hi in _group_bounds(alphas.shape[0], groups):
+  for lo, hi in group_bounds(alphas.shape[0], groups):
     total = total + _chunk_contribution(integrand, operands, start, end, alphas[lo:hi],
                                         scales[lo:hi], weights[lo:hi])
   return total
