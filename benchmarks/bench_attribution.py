@@ -34,14 +34,14 @@ Parts (--parts, comma-separated):
                --adaptive_control=map: to a relative map error of 1% instead
                (drig's control="map"; the fixed rules are searched by their maps'
                distance from that reference).
-  doubling     the map control's estimate against the maps' true error on nested
-               trapezoid grids (--doubling_intervals; images: the largest of
-               --adaptive_batches), with Richardson extrapolation and the cosine of
-               successive differences.
+  map_estimate control="map" at each --map_tolerances: evaluations, each map's
+               true error against the reference and the estimate's ratio to it;
+               and the maps of uniform trapezoid grids of --uniform_intervals
+               (images: the largest of --adaptive_batches).
 
 --checkpoint=WORKDIR (a drig.train workdir; --checkpoint_step picks the step, as
 drig.analyze's config.checkpoint_step) replaces the random He weights by that
-trained grader in 'convergence', 'adaptive' and 'doubling' (the only parts it allows):
+trained grader in 'convergence', 'adaptive' and 'map_estimate' (the only parts it allows):
 drig's own architecture at the run's image size (--sizes is then unused), on the first
 images of --checkpoint_split of the run's data set whose true grade is at least
 --checkpoint_min_grade. Captum runs a torch copy of the run's network
@@ -58,6 +58,9 @@ Smoke run:
     --batching_configs=python:4:1,python:4:2,python:2,scan:2,map:2
   python benchmarks/bench_attribution.py --parts=adaptive --sizes=80 --repeats=1 \
     --adaptive_batches=1 --adaptive_tolerance=0.1 --adaptive_max_fixed_steps=16
+  python benchmarks/bench_attribution.py --parts=map_estimate --sizes=80 \
+    --adaptive_batches=1 --adaptive_reference_steps=64 --uniform_intervals=8,16 \
+    --map_tolerances=0.1 --map_max_steps=65
 Time to 1% on a trained grader (the demo's run; smoke: a tiny run, tolerance 0.1):
   python benchmarks/bench_attribution.py --parts=adaptive,convergence \
     --checkpoint=workdirs/runlocal --adaptive_max_fixed_steps=1024
@@ -68,6 +71,9 @@ Time to a 1% map error on the same grader:
   python benchmarks/bench_attribution.py --parts=adaptive --checkpoint=workdirs/runlocal \
     --adaptive_control=map --adaptive_reference_steps=4096 --adaptive_max_fixed_steps=2048 \
     --repeats=1 --adaptive_search_timing
+How the map control's estimate tracks the true error, against uniform grids:
+  python benchmarks/bench_attribution.py --parts=map_estimate --checkpoint=workdirs/runlocal \
+    --adaptive_reference_steps=8192
 """
 
 import contextlib
@@ -158,18 +164,21 @@ _ADAPTIVE_CONTROL = flags.DEFINE_enum(
     "adaptive_control", "gap", ["gap", "map"],
     "'adaptive': what drig's error control bounds and the fixed rules are searched for. gap: "
     "the relative completeness gap; map: each map's relative L2 error against the reference "
-    "(--adaptive_reference_steps), which drig estimates by doubling a nested grid "
-    "(control='map').")
-_DOUBLING_INTERVALS = flags.DEFINE_list(
-    "doubling_intervals", ["16", "32", "64", "128", "256", "512", "1024"],
-    "'doubling': the nested grids' interval counts (each twice the previous).")
+    "(--adaptive_reference_steps), which drig estimates as it bisects (control='map').")
+_UNIFORM_INTERVALS = flags.DEFINE_list(
+    "uniform_intervals", ["64", "128", "256", "512", "1024"],
+    "'map_estimate': the uniform trapezoid grids' interval counts.")
+_MAP_TOLERANCES = flags.DEFINE_list("map_tolerances", ["0.04", "0.02", "0.01", "0.005"],
+                                    "'map_estimate': the map control's tolerances.")
+_MAP_MAX_STEPS = flags.DEFINE_integer("map_max_steps", 4097,
+                                      "'map_estimate': the map control's max_steps.")
 _ADAPTIVE_SEARCH_TIMING = flags.DEFINE_bool(
     "adaptive_search_timing", False,
     "'adaptive': also count the search's run at the step count found as one timing of each "
     "fixed rule (it includes the gap's two forward passes); with --repeats=0 the fixed rules "
     "run only in the search, for paths so long that a timed rerun would double the cost.")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "", "A drig.train workdir: 'convergence', 'adaptive' and 'doubling' "
+    "checkpoint", "", "A drig.train workdir: 'convergence', 'adaptive' and 'map_estimate' "
     "attribute its trained grader on its data set's images instead of random He weights on "
     "smooth random images.")
 _CHECKPOINT_STEP = flags.DEFINE_string(
@@ -263,15 +272,15 @@ class Drig:
                                        chunk_size=chunk_size, loop=loop, groups=groups)
     return jax.block_until_ready(out)
 
-  def pixel_ig_auto(self, x, tolerance, chunk_size=None):
+  def pixel_ig_auto(self, x, tolerance, chunk_size=None, control=None, max_steps=None):
     """Error-controlled pixel IG: an AdaptiveAttribution (steps = evaluations per image).
 
-    With --adaptive_control=map, max_steps allows one more doubling than the fixed search
-    (a grid of n intervals has n + 1 nodes)."""
+    control defaults to --adaptive_control; max_steps to the fixed search's cap
+    (--adaptive_max_fixed_steps), twice that plus one under control="map"."""
     import jax  # pylint: disable=g-import-not-at-top
     b = self.attribution.half_gray_baseline(x)
-    control = _ADAPTIVE_CONTROL.value
-    most = max(2, _ADAPTIVE_MAX_FIXED.value) * (2 if control == "map" else 1) + 1
+    control = control or _ADAPTIVE_CONTROL.value
+    most = max_steps or max(2, _ADAPTIVE_MAX_FIXED.value) * (2 if control == "map" else 1) + 1
     out = self.attribution.integrated_gradients(self.quantity, x, b, steps="auto",
                                                 tolerance=tolerance, chunk_size=chunk_size,
                                                 max_steps=most, control=control)
@@ -943,45 +952,43 @@ def _log_map_errors(reference, settled, x, prefix, maps, searched_maps, adaptive
          if as_accurate else "; none searched is as accurate as drig adaptive's worst image"))
 
 
-def part_doubling(drig, captum):
-  """How well control="map"'s estimate tracks the map's error: trapezoid maps on nested
-  grids of --doubling_intervals, against the reference (--adaptive_reference_steps)."""
+def part_map_estimate(drig, captum):
+  """How well control="map"'s estimate tracks the maps' true error, and what it saves over
+  uniform grids: drig at each --map_tolerances, and trapezoid maps on uniform grids of
+  --uniform_intervals, against the reference (--adaptive_reference_steps)."""
   del captum
   size = drig.image_size if isinstance(drig, DrigRun) else int(_SIZES.value[0])
   x = inputs(drig, max(map(int, _ADAPTIVE_BATCHES.value)), size, seed=11)
   reference, settled = _reference_maps(drig, x)
-  log(f"[doubling {size}px, {x.shape[0]} images] reference drig riemann_middle "
-      f"{_ADAPTIVE_REFERENCE.value}; at half the steps it differs by median "
-      f"{np.median(settled):.2%}, max {np.max(settled):.2%}")
-  n = x.shape[0]
-  flat = lambda a: np.asarray(a, np.float64).reshape(n, -1)
-  norm = lambda a: np.linalg.norm(a, axis=1)
-  truth = flat(reference)
-  levels = []
-  for m in map(int, _DOUBLING_INTERVALS.value):
-    levels.append(flat(drig.pixel_ig(x, m + 1, _chunk(m + 1), method="trapezoid")[0]))
-    if len(levels) < 3:
-      continue
-    coarse, middle, fine = levels[-3:]
-    d1, d2 = middle - coarse, fine - middle
-    error = norm(fine - truth) / norm(truth)
-    ratio = norm(d2) / norm(fine) / error
-    extrapolated = norm(2 * fine - middle - truth) / norm(truth)
-    cosine = np.sum(d1 * d2, axis=1) / (norm(d1) * norm(d2))
-    span = lambda v, f="%.2f": f"{f % np.min(v)} / {f % np.median(v)} / {f % np.max(v)}"
-    log(f"[doubling {size}px] {m} intervals: map error min / median / max "
-        f"{span(error * 100, '%.3f')}%; estimate / error {span(ratio)}; Richardson "
-        f"(2 A_2m - A_m) error {span(extrapolated * 100, '%.3f')}%; cosine of successive "
-        f"differences {span(cosine)}")
+  prefix = f"[map_estimate {size}px, {x.shape[0]} images]"
+  span = lambda v, f="%.2f": f"{f % np.min(v)} / {f % np.median(v)} / {f % np.max(v)}"
+  log(f"{prefix} reference drig riemann_middle {_ADAPTIVE_REFERENCE.value}; at half the "
+      f"steps it differs by min / median / max {span(settled * 100, '%.3f')}%")
+  for m in map(int, _UNIFORM_INTERVALS.value):
+    error = _relative_errors(
+        np.asarray(drig.pixel_ig(x, m + 1, _chunk(m + 1), method="trapezoid")[0]), reference)
+    log(f"{prefix} uniform trapezoid, {m + 1} evaluations: map error min / median / max "
+        f"{span(error * 100, '%.3f')}%")
+  for tolerance in map(float, _MAP_TOLERANCES.value):
+    out = drig.pixel_ig_auto(x, tolerance, _chunk(0), control="map",
+                             max_steps=_MAP_MAX_STEPS.value)
+    error = _relative_errors(np.asarray(out.attributions), reference)
+    estimate = np.asarray(out.map_error, np.float64)
+    log(f"{prefix} control=\"map\", tolerance {tolerance:g}: evaluations "
+        f"{span(np.asarray(out.steps), '%d')} (min / median / max), converged "
+        f"{int(np.sum(out.converged))}/{x.shape[0]}; map error {span(error * 100, '%.3f')}%; "
+        f"estimate / error {span(estimate / error)}; per image (evaluations, error %, "
+        "estimate %): " + ", ".join(f"({s}, {100 * e:.3f}, {100 * t:.3f})"
+                                    for s, e, t in zip(np.asarray(out.steps), error, estimate)))
 
 
 PARTS = {"pixel": part_pixel, "analysis": part_analysis, "memory": part_memory,
          "flops": part_flops, "maxpool": part_maxpool, "xla_flags": part_xla_flags,
          "batching": part_batching,
          "convergence": part_convergence, "adaptive": part_adaptive,
-         "doubling": part_doubling}
+         "map_estimate": part_map_estimate}
 # The parts that --checkpoint (a trained drig run) can run.
-CHECKPOINT_PARTS = {"convergence", "adaptive", "doubling"}
+CHECKPOINT_PARTS = {"convergence", "adaptive", "map_estimate"}
 
 
 def main(argv):

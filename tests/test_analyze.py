@@ -591,16 +591,17 @@ def test_error_controlled_shards_store_steps_and_meet_the_tolerance(setup):
   assert ((steps == 24) | converged).all()  # an image stops converged or at max_steps
 
 
-def test_map_controlled_shards_double_a_nested_grid(setup):
+def test_map_controlled_shards_store_estimates_and_meet_the_tolerance(setup):
   config = _config(setup, tolerance=0.05, max_steps=65, error_control="map",
                    quantities=("grade:4",), methods=("integrated_gradients",))
   out = _attribute_two_images(config)[0]
   steps, converged = out["pixel_steps.grade_4"], out["pixel_converged.grade_4"]
-  # 16 intervals, doubled: 33 evaluations at the first estimate, 65 the most allowed.
-  assert set(steps.tolist()) <= {33, 65} and set(out["layer_steps.grade_4"].tolist()) <= {33, 65}
-  assert ((steps == 65) | converged).all()
+  # 16 intervals, each bisected once: 33 evaluations at the first estimate.
+  for name in ("pixel_steps.grade_4", "layer_steps.grade_4"):
+    assert ((out[name] >= 33) & (out[name] <= 65)).all(), out[name]
+  assert ((steps == 65) | converged).all()  # stops converged, or when the budget is spent
   assert (out["pixel_relative_gap.grade_4"][converged] <= 0.05 * 1.01).all()
-  # Every image had an estimate (33 evaluations compare 16 with 32 intervals).
+  # Every image had an estimate.
   map_error = out["pixel_map_error.grade_4"]
   assert map_error.dtype == np.float32 and np.isfinite(map_error).all()
   assert (map_error[converged] <= 0.05).all()

@@ -6,7 +6,7 @@ compiled once per shape. Importing this package has no side effects.
 Main entry points:
   integrated_gradients(f, x, baseline, *, steps, method, chunk_size) -> (attr, gap)
     steps="auto": error-controlled to `tolerance` -> AdaptiveAttribution;
-    control="gap" (the completeness gap) or "map" (each map's error, doubling)
+    control="gap" (the completeness gap) or "map" (each map's error as well)
   half_gray_baseline(x, space="model")
   probability_of_grade / logit_of_grade / grade_difference / weighted_grades
   layer_integrated_gradients (the poster's, activation path) and

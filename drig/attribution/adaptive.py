@@ -18,9 +18,8 @@ stretches. An interval is split where its values place a single kink
 never evaluates a point twice.
 
 What is controlled: the completeness gap, which bounds the sum of a map (its
-pixel errors of opposite sign cancel in it). drig.attribution.doubling
-(``control="map"``) controls each map's error instead, at several times the
-evaluations.
+pixel errors of opposite sign cancel in it). drig.attribution.map_control
+(``control="map"``) controls each map's error as well.
 
 Stopping rule (per image): converged when, for every read-out r, the
 completeness gap meets the tolerance,
@@ -77,7 +76,7 @@ from drig.attribution import point_calls
 
 AUTO = "auto"
 # What "auto" controls: the completeness gap (this module) or the map's error
-# (drig.attribution.doubling).
+# (drig.attribution.map_control).
 CONTROLS = ("gap", "map")
 DEFAULT_CONTROL = "gap"
 DEFAULT_TOLERANCE = 0.01
@@ -102,7 +101,7 @@ class AdaptiveAttribution(NamedTuple):
     converged: bool [N], whether the image met the tolerance; False means it
       stopped at max_steps and its gap (or map error) may exceed the tolerance.
     map_error: with ``control="map"``, float32 [N], the estimated relative L2
-      error of each map (drig.attribution.doubling); None with ``control="gap"``.
+      error of each map (drig.attribution.map_control); None with ``control="gap"``.
   """
   attributions: jax.Array
   gap: jax.Array
@@ -247,7 +246,7 @@ def adaptive_path_integral(evaluate: Callable, operands: Any, start, end, *,
                            initial_intervals: int = INITIAL_INTERVALS) -> AdaptiveIntegral:
   """Integrates grad F_r along start -> end per image until the completeness gap is in tolerance.
 
-  drig.attribution.doubling controls each map's error instead, with the same
+  drig.attribution.map_control controls each map's error as well, with the same
   arguments (integration.controlled_path_integral picks one).
 
   The arguments are checked by the callers (drig.attribution.integration).

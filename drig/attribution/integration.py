@@ -62,7 +62,7 @@ import numpy as np
 
 from drig import grading
 from drig.attribution import adaptive
-from drig.attribution import doubling
+from drig.attribution import map_control
 from drig.attribution.arguments import (AttributionArgumentError, as_batch, check_baseline,
                                         check_integration_arguments, check_positive_int)
 from drig.attribution.adaptive import AdaptiveAttribution
@@ -538,12 +538,12 @@ def integrated_gradients(f: Callable, x, baseline, *, steps: int | str = 50,
     max_steps: with "auto", the most model evaluations per image (>= 2). The
       gradients at every node are kept: N x max_steps x (one image) float32 at most.
     control: with "auto", what the tolerance bounds. "gap" (the default): the
-      relative completeness gap; the gradients at every node are kept. "map":
-      also the map's relative L2 error, estimated by doubling a nested uniform
-      grid per image (drig.attribution.doubling; 33, 65, 129, ... evaluations,
-      two map-sized sums per image kept); several times the evaluations of
-      "gap" (on the demo's grader most images needed 1025 or 2049 for 1%, so
-      raise max_steps), and returns map_error, the final estimate per image.
+      relative completeness gap. "map":
+      also the map's relative L2 error, estimated from the change each
+      bisection makes, with points placed where the map still changes
+      (drig.attribution.map_control; at least 33 evaluations; on the demo's
+      grader 137 to 782 per image for 1%, so raise max_steps), and returns
+      map_error, the final estimate per image.
 
   Returns:
     Fixed steps: (attributions, gap): float32 [N, ...] attributions, and float32
@@ -589,11 +589,11 @@ def _integrated_gradients(f, x, baseline, *, steps, method, chunk_size, loop=Non
 
 
 def controlled_path_integral(control: str, *args, **kwargs) -> adaptive.AdaptiveIntegral:
-  """``steps="auto"``'s engine for `control`: the gap (adaptive) or the map (doubling).
+  """``steps="auto"``'s engine for `control`: the gap (adaptive) or the map (map_control).
 
   The arguments are those of adaptive.adaptive_path_integral.
   """
-  engine = doubling.doubling_path_integral if control == "map" else \
+  engine = map_control.map_path_integral if control == "map" else \
       adaptive.adaptive_path_integral
   return engine(*args, **kwargs)
 

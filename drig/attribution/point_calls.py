@@ -1,7 +1,7 @@
 """Path points evaluated in fixed-size model calls, for the error-controlled engines.
 
 One concept: the call layout that drig.attribution.adaptive and
-drig.attribution.doubling share. Both choose their path points as they go, per
+drig.attribution.map_control share. Both choose their path points as they go, per
 image, so a call mixes the points of several images in any proportion
 (image-major); every call has the same number of points, so one compiled
 program serves them all, and the last call of a round is padded by repeating
