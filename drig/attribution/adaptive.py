@@ -87,7 +87,7 @@ INITIAL_INTERVALS = 4
 GAP_FLOOR = 1e-4
 # Intervals shorter than this are not split: float32 path positions near
 # a = 1 are 6e-8 apart.
-_SHORTEST_INTERVAL = 2.0 ** -22
+SHORTEST_INTERVAL = 2.0 ** -22
 
 
 class AdaptiveAttribution(NamedTuple):
@@ -151,10 +151,20 @@ class _Path:
 
   def weights(self):
     alphas = np.array(sorted(self.nodes))
-    w = np.zeros(len(alphas))
-    w[1:] += np.diff(alphas) / 2
-    w[:-1] += np.diff(alphas) / 2
-    return alphas, w
+    return alphas, trapezoid_weights(alphas)
+
+
+def trapezoid_weights(alphas: np.ndarray) -> np.ndarray:
+  """The trapezoid rule's weights on sorted nodes `alphas` (each node half of both widths)."""
+  w = np.zeros(len(alphas))
+  w[1:] += np.diff(alphas) / 2
+  w[:-1] += np.diff(alphas) / 2
+  return w
+
+
+def gap_floor(f_start, f_end):
+  """GAP_FLOOR * max(1, |F(s)|, |F(e)|) per read-out: where the gap's tolerance turns absolute."""
+  return GAP_FLOOR * np.maximum(1.0, np.maximum(np.abs(f_start), np.abs(f_end)))
 
 
 def _split_points(left, right, values, slopes, worst):
@@ -194,7 +204,7 @@ def _plan_image(path: _Path, tolerance: float, budget: int):
   """(split points wanted, further candidates by priority, converged) for one image."""
   left, right, errors = path.intervals()
   f_start, f_end = path.nodes[0.0][0], path.nodes[1.0][0]
-  floor = GAP_FLOOR * np.maximum(1.0, np.maximum(np.abs(f_start), np.abs(f_end)))
+  floor = gap_floor(f_start, f_end)
   allowed = tolerance * np.maximum(np.abs(f_end - f_start), floor)  # [R]
   # Each interval's share of the allowance, worst read-out: 1 means the whole budget.
   shares = np.abs(errors) / allowed
@@ -213,7 +223,7 @@ def _plan_image(path: _Path, tolerance: float, budget: int):
   # interval that dominates is split several times in one round (its
   # unevaluated parts at their middles), and negligible ones not at all.
   heap = [(-priority[j], left[j], right[j], tuple(splits[j])) for j in range(len(left))
-          if right[j] - left[j] > _SHORTEST_INTERVAL and priority[j] > 0 and splits[j]]
+          if right[j] - left[j] > SHORTEST_INTERVAL and priority[j] > 0 and splits[j]]
   heapq.heapify(heap)
   remaining, chosen, spare = priority.sum(), [], []
   while heap and len(chosen) + len(spare) < budget:
@@ -226,7 +236,7 @@ def _plan_image(path: _Path, tolerance: float, budget: int):
     edges = (a,) + points + (b,)
     for lo, hi in zip(edges[:-1], edges[1:]):
       middle = float(np.float32((lo + hi) / 2))
-      if hi - lo > _SHORTEST_INTERVAL and lo < middle < hi:
+      if hi - lo > SHORTEST_INTERVAL and lo < middle < hi:
         heapq.heappush(heap, (negative * (hi - lo) / (b - a) / 4, lo, hi, (middle,)))
   return [p for _, p in chosen], spare, converged
 

@@ -132,9 +132,7 @@ class _Path:
   def weights(self):
     """(slots, trapezoid weights, slopes [K, R]) in path order."""
     alphas = np.array(sorted(self.nodes))
-    w = np.zeros(len(alphas))
-    w[1:] += np.diff(alphas) / 2
-    w[:-1] += np.diff(alphas) / 2
+    w = adaptive.trapezoid_weights(alphas)
     slots = np.array([self.nodes[a][0] for a in alphas])
     slopes = np.stack([self.nodes[a][2] for a in alphas])
     return slots, w, slopes
@@ -142,7 +140,7 @@ class _Path:
 
 def _middle(a: float, b: float) -> float | None:
   m = float(np.float32((a + b) / 2))
-  return m if b - a > adaptive._SHORTEST_INTERVAL and a < m < b else None  # pylint: disable=protected-access
+  return m if b - a > adaptive.SHORTEST_INTERVAL and a < m < b else None
 
 
 def _plan(path: _Path, allowed: np.ndarray, budget: int):
@@ -244,17 +242,12 @@ def map_path_integral(evaluate: Callable, operands: Any, start, end, *,
         del estimates[(a, b)]
         estimates[(a, m)] = estimates[(m, b)] = CHILD_SHARE * change
     map_norm = np.asarray(map_norm, np.float64)
-    gaps, changes_f = np.zeros((n, num_readouts)), np.zeros((n, num_readouts))
-    for i, path in enumerate(paths):
-      _, w, slopes = path.weights()
-      changes_f[i] = path.nodes[1.0][1] - path.nodes[0.0][1]
-      gaps[i] = w @ slopes - changes_f[i]
     pending, spare = [], []
     for i, path in enumerate(paths):
       if converged[i]:
         continue
       f_start, f_end = path.nodes[0.0][1], path.nodes[1.0][1]
-      floor = adaptive.GAP_FLOOR * np.maximum(1.0, np.maximum(np.abs(f_start), np.abs(f_end)))
+      floor = adaptive.gap_floor(f_start, f_end)
       budget = max_steps - len(path.nodes)
       if any(e is None for e in path.estimates.values()):
         # The first bisection of every initial interval, or none if it does not fit.
@@ -265,8 +258,10 @@ def map_path_integral(evaluate: Callable, operands: Any, start, end, *,
       squares = np.sum(np.square(np.stack(list(path.estimates.values()))), axis=0)
       allowed = tolerance * np.maximum(map_norm[i], floor)
       estimate[i] = np.sqrt(squares) / np.maximum(map_norm[i], floor)
+      _, w, slopes = path.weights()
+      gap = w @ slopes - (f_end - f_start)
       if np.all(estimate[i] <= tolerance) and np.all(
-          np.abs(gaps[i]) <= tolerance * np.maximum(np.abs(changes_f[i]), floor)):
+          np.abs(gap) <= tolerance * np.maximum(np.abs(f_end - f_start), floor)):
         converged[i] = True
         continue
       chosen, extra = _plan(path, allowed, budget)
